@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dinof-diffusers",
+    version="0.1.0",
+    description="DiNof: diffusion models with deterministic normalizing flow priors, for Hugging Face diffusers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["dinof_diffusers", "dinof_diffusers.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "accelerate>=0.30",
+        "datasets>=2.18",
+        "huggingface_hub>=0.23",
+        "safetensors>=0.4",
+        "torch-fidelity>=0.3",
+        "scikit-learn>=1.2",
+        "numpy",
+        "Pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "normflows==1.7.3", "tensorboard", "matplotlib"],
+        "dev": ["pytest>=7", "normflows==1.7.3", "tensorboard", "matplotlib", "ruff"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dinof-convert-flow=dinof_diffusers.conversion:main",
+        ],
+    },
+)
