@@ -1,0 +1,3 @@
+from .scheduling_dinof import DiNofScheduler, DiNofSchedulerOutput
+
+__all__ = ["DiNofScheduler", "DiNofSchedulerOutput"]
