@@ -118,6 +118,9 @@ class DigitsClassifier(nn.Module):
         self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
         self.fc1 = nn.Linear(32 * (resolution // 4) ** 2, feature_dim)
         self.fc2 = nn.Linear(feature_dim, num_classes)
+        # Multiplies the features handed to torch-fidelity so that their mean square is 1 on the training images
+        # (set after training): KID's polynomial kernel then sees inputs of the same order as Inception's.
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate activations.
@@ -229,6 +232,8 @@ def train_digits_classifier(
                 optimizer.step()
                 scheduler.step()
         model.eval()
+        with torch.no_grad():
+            model.feature_scale.fill_(model.features(inputs).pow(2).mean().rsqrt().item())
         info = {
             f"held_out_accuracy_r{r}": evaluate_digits_classifier(model, held_out_indices, r)
             for r in TRAINING_RESOLUTIONS
@@ -342,7 +347,7 @@ class FeatureExtractorDigits(FeatureExtractorBase):
             torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8"
         )
         features = self.classifier.features(preprocess_images(x, self.classifier.resolution))
-        out = {DIGITS_FEATURE_KEY: features}
+        out = {DIGITS_FEATURE_KEY: features * self.classifier.feature_scale}
         fc = self.classifier.fc2
         out["logits_unbiased"] = F.linear(features, fc.weight)
         out["logits"] = fc(features)
