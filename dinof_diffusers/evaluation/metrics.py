@@ -64,7 +64,7 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def _write_json_atomically(data: Dict[str, Any], path: Union[str, os.PathLike]) -> None:
+def write_json_atomically(data: Dict[str, Any], path: Union[str, os.PathLike]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary_path = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
@@ -217,7 +217,7 @@ def generate_samples(
                     "nfe": _jsonable(nfe),
                     "seconds": seconds,
                 }
-                _write_json_atomically(manifest, manifest_path)
+                write_json_atomically(manifest, manifest_path)
                 num_generated += len(batch_names)
                 bar.update(len(batch_names))
     finally:
@@ -271,7 +271,7 @@ def _load_or_reset_manifest(
         for path in existing_samples:
             path.unlink()
         manifest = {"identity": identity, "batches": {}}
-        _write_json_atomically(manifest, manifest_path)
+        write_json_atomically(manifest, manifest_path)
     return manifest
 
 
