@@ -85,6 +85,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=",".join(SUPPORTED_METRICS),
         help=f"Comma-separated subset of {','.join(SUPPORTED_METRICS)}; 'none' only generates.",
     )
+    parser.add_argument(
+        "--feature_extractor_weights_path",
+        default=None,
+        help="Local weights of the feature extractor (torch-fidelity's Inception .pth, or a digits classifier file); "
+        "default: torch-fidelity's download for Inception, the cached classifier for dinof-digits.",
+    )
     parser.add_argument("--kid_subset_size", type=int, default=1000, help="Reduced to the sample counts if larger.")
     parser.add_argument(
         "--sampler",
@@ -106,6 +112,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     validate_args(args, parser)
     return args
 
@@ -152,6 +159,8 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         args.feature_extractor = default_feature_extractor(args.reference)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         parser.error(f"--output_dir {args.output_dir!r} exists and is not a folder.")
+    if args.feature_extractor_weights_path is not None and not os.path.isfile(args.feature_extractor_weights_path):
+        parser.error(f"--feature_extractor_weights_path {args.feature_extractor_weights_path!r} is not a file.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} requested but CUDA is not available.")
 
@@ -233,6 +242,11 @@ def evaluate(args: argparse.Namespace, pipeline) -> Dict[str, Any]:
             cache_dir=args.cache_dir,
             kid_subset_size=args.kid_subset_size,
             verbose=not args.no_progress,
+            **(
+                {"feature_extractor_weights_path": args.feature_extractor_weights_path}
+                if args.feature_extractor_weights_path is not None
+                else {}
+            ),
             reference_kwargs={
                 "split": args.reference_split,
                 "config_name": args.reference_config,
@@ -273,11 +287,12 @@ def evaluate(args: argparse.Namespace, pipeline) -> Dict[str, Any]:
             "diffusers": diffusers.__version__,
             "torch_fidelity": torch_fidelity.__version__,
         },
-        "command": sys.argv,
+        "argv": getattr(args, "argv", None),
     }
     if args.metrics and args.feature_extractor == DIGITS_FEATURE_EXTRACTOR_NAME:
         cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
-        report["digits_classifier"] = digits_classifier_info(default_classifier_path(cache_dir))
+        classifier_path = args.feature_extractor_weights_path or default_classifier_path(cache_dir)
+        report["digits_classifier"] = digits_classifier_info(classifier_path)
     write_json_atomically(report, os.path.join(args.output_dir, "metrics.json"))
     return report
 
