@@ -151,6 +151,9 @@ def test_small_sample_counts_and_dataset_references(tmp_path, digits_dir):
         compute_metrics(digits_dir, None, metrics=["fid"])
     with pytest.raises(ValueError, match="metrics"):
         compute_metrics(digits_dir, "digits", metrics=["ppl"])
+    (few / ".tmp-abc.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="interrupted"):
+        compute_metrics(few, "digits")
 
 
 # ------------------------------------------------------------------------------------------------------------------

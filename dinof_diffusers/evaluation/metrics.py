@@ -130,7 +130,9 @@ def generate_samples(
     PNGs all exist and whose statistics are recorded in `output_dir/generation.json` is skipped; any other batch is
     generated again and its missing files are written. A dump interrupted at any point and run again with the same
     arguments is therefore byte-identical to an uninterrupted one (for a pipeline that is deterministic given its
-    generator, e.g. on CPU). Each PNG and the manifest are written atomically (temporary file + rename).
+    generator, on the same device and software; e.g. on CPU). The manifest records the arguments, the sampler
+    keywords and the scheduler configuration: resuming with different ones is refused. Each PNG and the manifest are
+    written atomically (temporary file + rename); temporary files left by a killed run are removed.
 
     Args:
         pipeline: a `DiNofPipeline` (or any callable with the same signature): called as
@@ -513,8 +515,8 @@ def compute_metrics(
 
     Everything runs through `torch_fidelity.calculate_metrics`; this function only resolves the reference (see
     `resolve_reference`), registers the `"dinof-digits"` extractor and adapts the subset sizes to small sample
-    counts: the KID subset size becomes min(kid_subset_size, #samples, #reference), the ISC splits at most #samples,
-    the PRC neighbourhood at most min(#samples, #reference) - 1.
+    counts: the KID subset size becomes min(kid_subset_size, #samples, #reference), the number of ISC splits at most
+    #samples // 10 (at least 1), the PRC neighbourhood at most min(#samples, #reference) - 1.
 
     With `feature_extractor="dinof-digits"`, `inception_score_mean` / `_std` is the *classifier-confidence score*
     (the Inception score computed with the digit classifier's logits; in [1, 10]), also returned as
@@ -561,6 +563,12 @@ def compute_metrics(
     samples = _list_images(samples_dir) if os.path.isdir(samples_dir) else []
     if not samples:
         raise ValueError(f"No PNG/JPEG samples in {samples_dir}.")
+    leftovers = [path.name for path in Path(samples_dir).glob(".tmp-*") if path.suffix.lower() in _IMAGE_EXTENSIONS]
+    if leftovers:  # torch-fidelity would count them as samples
+        raise ValueError(
+            f"{samples_dir} holds temporary files of an interrupted run ({leftovers[:3]}...); run `generate_samples` "
+            "again to finish the dump (it removes them)."
+        )
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     feature_extractor = feature_extractor or default_feature_extractor(reference)
     if cuda is None:
@@ -576,7 +584,8 @@ def compute_metrics(
         "fid": "fid" in metrics,
         "kid": "kid" in metrics,
         "prc": "prc" in metrics,
-        "isc_splits": max(1, min(isc_splits, num_samples)),
+        # At least 10 samples per split where possible (a split of one sample always scores exactly 1).
+        "isc_splits": max(1, min(isc_splits, num_samples // 10)),
         "kid_subsets": kid_subsets,
         "rng_seed": seed,
         "verbose": verbose,
