@@ -182,7 +182,8 @@ def generate_samples(
     manifest = _load_or_reset_manifest(output_dir, manifest_path, identity, overwrite)
     # Temporary files of a killed run (the atomic writes' halves).
     for stale in output_dir.glob(".tmp-*"):
-        stale.unlink()
+        if stale.is_file():
+            stale.unlink()
 
     num_batches = -(-num_samples // batch_size)
     batches = manifest["batches"]
