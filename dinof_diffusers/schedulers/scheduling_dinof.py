@@ -635,7 +635,8 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         return x, t64, index, position
 
     def _noise(self, x, generator):
-        return randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        # drawn in float32 whatever the compute dtype, so that float32 and float64 runs share one random stream
+        return randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
     def _output(self, prev_sample, prev_sample_mean, dtype, return_dict):
         prev_sample, prev_sample_mean = prev_sample.to(dtype), prev_sample_mean.to(dtype)
