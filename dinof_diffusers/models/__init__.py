@@ -1,0 +1,3 @@
+from .flow_prior import FlowPriorModel, FlowPriorOutput
+
+__all__ = ["FlowPriorModel", "FlowPriorOutput"]
