@@ -263,7 +263,8 @@ class GlowLevel(nn.Module):
             if self.coupling == "affine":
                 pre_scale = h[:, 1::2] + 2.0
                 x2 = (x2 - h[:, 0::2]) * torch.sigmoid(pre_scale)
-                logdet = logdet + F.logsigmoid(pre_scale).sum(dim=(1, 2, 3))
+                # in logdet's dtype: under autocast the activations may be half precision
+                logdet = logdet + F.logsigmoid(pre_scale.to(logdet.dtype)).sum(dim=(1, 2, 3))
             else:
                 x2 = x2 - h
             x = torch.cat([x1, x2], dim=1)
@@ -601,6 +602,8 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
         if num_bits is not None and (isinstance(num_bits, bool) or not isinstance(num_bits, int) or num_bits < 1):
             raise ValueError(f"`num_bits` must be None or a positive integer, got {num_bits!r}.")
         if num_bits is not None:
+            if not isinstance(data_range, (tuple, list)) or len(data_range) != 2:
+                raise ValueError(f"`data_range` must be a (low, high) pair, got {data_range!r}.")
             low, high = (float(v) for v in data_range)
             if not (math.isfinite(low) and math.isfinite(high) and high > low):
                 raise ValueError(
