@@ -461,3 +461,16 @@ def test_bad_calls_raise():
         scheduler.step_pred(out, 0.3, x)  # not a grid point: the next time is unknown
     with pytest.raises(ValueError, match="t"):
         scheduler.add_noise(x, out, torch.tensor([1.5] * 4))
+
+
+def test_per_sample_timesteps_equal_separate_calls():
+    scheduler = DiNofScheduler(sde_type="vp", prediction_type="epsilon", langevin_norm="sample")
+    scheduler.set_timesteps(30)
+    x, out = fixed_inputs(6)
+    t = scheduler.timesteps[[0, 7, 19, 29]]
+    for step in (scheduler.step_correct, scheduler.step_pred):
+        generators = [torch.Generator().manual_seed(s) for s in range(4)]
+        batched = step(out, t, x, generator=generators).prev_sample
+        for b in range(4):
+            single = step(out[b : b + 1], t[b], x[b : b + 1], generator=torch.Generator().manual_seed(b))
+            torch.testing.assert_close(batched[b : b + 1], single.prev_sample, rtol=1e-12, atol=1e-12)

@@ -333,6 +333,7 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         self._grid = None  # float64 CPU copy of `timesteps`
         self._grid_indices = None  # i(t_k), long (n,)
         self._grid_next_indices = None  # i(t_{k+1}), -1 after the last grid point, long (n,)
+        self._grid_positions = None  # {float(timesteps[k]): k}
 
     # ------------------------------------------------------------------------------------------------------------------
     # properties
@@ -376,6 +377,12 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
             on the sampling grid is replaced by the exact float64 grid value), i(t) (long), and the position of t in
             `timesteps` (long, -1 where t is not a grid point).
         """
+        if self._grid_positions is not None and (not torch.is_tensor(t) or t.numel() == 1):
+            # fast path for the pipeline's loop: t is an element of `timesteps`
+            position = self._grid_positions.get(float(t))
+            if position is not None:
+                k = slice(position, position + 1)
+                return self._grid[k], self._grid_indices[k], torch.tensor([position])
         t64 = torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1)
         if t64.numel() == 0:
             raise ValueError(f"`{name}` is empty.")
@@ -452,6 +459,7 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         self._grid_indices = indices
         self._grid_next_indices = torch.cat([indices[1:], torch.full((1,), -1, dtype=torch.long)])
         self.timesteps = grid.to(device=device, dtype=torch.float32)
+        self._grid_positions = {value: k for k, value in enumerate(grid.float().tolist())}
 
     # ------------------------------------------------------------------------------------------------------------------
     # SDE quantities (training, likelihood, conditioning)
