@@ -1,0 +1,3 @@
+from .dinof import DiNofPipeline, DiNofPipelineOutput
+
+__all__ = ["DiNofPipeline", "DiNofPipelineOutput"]

@@ -1,0 +1,3 @@
+from .pipeline_dinof import DiNofPipeline, DiNofPipelineOutput
+
+__all__ = ["DiNofPipeline", "DiNofPipelineOutput"]
