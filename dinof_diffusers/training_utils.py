@@ -127,6 +127,44 @@ def nats_to_bits_per_dim(nll: Union[torch.Tensor, float], num_dims: int) -> Unio
     return nll / (num_dims * math.log(2.0))
 
 
+class TrainingImages(torch.utils.data.Dataset):
+    """The training images of a `datasets.Dataset`, transformed, with reproducible random augmentation.
+
+    The random transforms of an image (crop, flip) draw from the global torch RNG inside `torch.random.fork_rng`,
+    seeded from (seed, epoch, index): the augmentation of each image is fixed by its position in the run, and loading
+    data never touches the training RNG. This matters for resuming: `accelerate`'s data loader fetches one batch ahead,
+    so augmentation drawn from the training RNG would be drawn before a checkpoint in the original run and after it in
+    the resumed one.
+
+    Args:
+        dataset (`datasets.Dataset`): the data.
+        image_column (`str`): the column holding PIL images.
+        transform (`Callable`): PIL image -> tensor; may use the global torch RNG.
+        seed (`int`): the run's seed.
+    """
+
+    def __init__(self, dataset, image_column: str, transform, seed: int):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch; the next data loader iterator (and its workers) augment with it."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        image = self.dataset[int(index)][self.image_column]
+        seed = hash((self.seed, self.epoch, int(index))) % (2**63)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return {"input": self.transform(image)}
+
+
 class TrainingState:
     """The counters of a training run, checkpointed with `accelerator.register_for_checkpointing`.
 

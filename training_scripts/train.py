@@ -55,6 +55,7 @@ from dinof_diffusers.pipelines.dinof import DiNofPipeline
 from dinof_diffusers.schedulers import DiNofScheduler
 from dinof_diffusers.training_presets import get_preset, list_presets, nearest_published_preset
 from dinof_diffusers.training_utils import (
+    TrainingImages,
     TrainingState,
     flow_marginal_sample,
     flow_nll_loss,
@@ -613,14 +614,18 @@ def main(args):
     reference_images = torch.stack(
         [plain(dataset[i % len(dataset)][args.image_column]) for i in range(args.num_sample_images)]
     )
-    augment = image_transforms(args, scheduler.data_range)
-    dataset.set_transform(lambda batch: {"input": [augment(image) for image in batch[args.image_column]]})
+    train_images = TrainingImages(
+        dataset, args.image_column, image_transforms(args, scheduler.data_range), seed=args.seed
+    )
     train_dataloader = torch.utils.data.DataLoader(
-        dataset,
+        train_images,
         batch_size=args.train_batch_size,
         shuffle=True,
         num_workers=args.dataloader_num_workers,
         drop_last=True,
+        # the loader's own generator, so that creating an iterator (which draws a worker seed) leaves the global RNG
+        # alone: a resumed run creates one at a different point of the run than the original
+        generator=torch.Generator().manual_seed(args.seed),
     )
 
     # 3. optimiser: one Adam over every trained network (the published joint recipe), linear warm-up
@@ -730,7 +735,8 @@ def main(args):
     for epoch in range(first_epoch, num_epochs):
         if state.global_step >= args.max_train_steps:
             break
-        train_dataloader.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)  # the order of the batches
+        train_images.set_epoch(epoch)  # their augmentation
         epoch_dataloader = train_dataloader
         if epoch == first_epoch and skip_batches > 0:
             epoch_dataloader = accelerator.skip_first_batches(train_dataloader, skip_batches)
@@ -774,6 +780,7 @@ def main(args):
             # one optimisation step is over (taken or skipped)
             state.global_step += 1
             progress_bar.update(1)
+            learning_rate = lr_scheduler.get_last_lr()[0]  # the one this step used
             if stepped:
                 lr_scheduler.step()
                 for name, ema in emas.items():
@@ -786,14 +793,14 @@ def main(args):
                 consecutive_nonfinite = 0
 
             window_losses /= window_batches
-            logs = {"lr": lr_scheduler.get_last_lr()[0], "nonfinite_steps": state.nonfinite_steps}
+            logs = {"lr": learning_rate, "nonfinite_steps": state.nonfinite_steps}
             if train_unet:
                 logs["score_loss"] = window_losses[0].item()
             if train_flow:
                 logs["flow_nll_bpd"] = nats_to_bits_per_dim(window_losses[1].item(), num_dims)
             if grad_norm is not None:
                 logs["grad_norm"] = grad_norm.item()
-            if emas:
+            if emas and next(iter(emas.values())).cur_decay_value is not None:
                 logs["ema_decay"] = next(iter(emas.values())).cur_decay_value
             progress_bar.set_postfix(**{k: logs[k] for k in ("score_loss", "flow_nll_bpd") if k in logs})
             accelerator.log(logs, step=state.global_step)

@@ -1,0 +1,527 @@
+"""Training: the losses against SPEC.md, the presets, argument checks, and train.py end to end under accelerate.
+
+The end-to-end runs use a tiny UNet (JSON config), an 8x8 imagefolder written here and a few optimisation steps;
+each run is an `accelerate launch` subprocess on the CPU (two gloo processes for the data-parallel test).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from analytic_models import AnalyticGaussianModel, spec_chain_mean_std, spec_mean_std
+from diffusers import UNet2DModel
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+
+from dinof_diffusers.models.flow_prior import FlowPriorModel
+from dinof_diffusers.pipelines.dinof import DiNofPipeline
+from dinof_diffusers.schedulers import DiNofScheduler
+from dinof_diffusers.training_presets import PRESETS, get_preset, nearest_published_preset
+from dinof_diffusers.training_utils import (
+    flow_nll_loss,
+    list_checkpoints,
+    nats_to_bits_per_dim,
+    prune_checkpoints,
+    save_pipeline_atomically,
+    score_matching_loss,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT = os.path.join(REPO_ROOT, "training_scripts", "train.py")
+N = 1000
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("dinof_train_script", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losses on fixed inputs, against SPEC.md
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class RecordingModel(torch.nn.Module):
+    """A known "network": output = 0.3 * x + 0.1; records what it was conditioned on."""
+
+    def __init__(self):
+        super().__init__()
+        self.timesteps = []
+
+    def forward(self, sample, timestep):
+        self.timesteps.append(timestep.detach().clone())
+        return UNet2DOutput(sample=0.3 * sample + 0.1)
+
+
+def spec_conditioning(sde_type, continuous, t):
+    """(mean, std, expected model timestep) for float64 times t, from SPEC (continuous or the discrete chain)."""
+    if continuous:
+        mean, std = spec_mean_std(sde_type, t)
+        timestep = std if sde_type == "ve" else 999.0 * t
+    else:
+        index = torch.floor(t * (N - 1)).long()
+        mean, std = spec_chain_mean_std(sde_type, index, N=N)
+        timestep = std if sde_type == "ve" else index.double()
+    return mean, std, timestep
+
+
+@pytest.mark.parametrize(
+    "sde_type,continuous,prediction_type",
+    [
+        ("ve", True, "score"),
+        ("vp", True, "epsilon"),
+        ("subvp", True, "epsilon"),
+        ("vp", False, "epsilon"),
+        ("ve", False, "score"),
+    ],
+)
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_score_matching_loss_matches_spec(sde_type, continuous, prediction_type, reduce):
+    scheduler = DiNofScheduler(sde_type=sde_type, continuous=continuous, prediction_type=prediction_type)
+    clean = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    model = RecordingModel()
+    loss = score_matching_loss(model, scheduler, clean, generator=torch.Generator().manual_seed(0), reduce=reduce)
+
+    # the same draws, in the documented order: times, then noise
+    generator = torch.Generator().manual_seed(0)
+    t = scheduler.sample_training_timesteps(6, generator=generator).double()
+    noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32).double()
+    mean, std, timestep = spec_conditioning(sde_type, continuous, t)
+    view = (-1, 1, 1, 1)
+    x = mean.view(view) * clean.double() + std.view(view) * noise
+    output = 0.3 * x + 0.1
+    score = output if prediction_type == "score" else -output / std.view(view)
+    residual = (std.view(view) * score + noise).flatten(1)
+    expected = residual.square().mean(1) if reduce == "mean" else 0.5 * residual.square().sum(1)
+
+    assert loss.shape == (6,)
+    torch.testing.assert_close(model.timesteps[0].double(), timestep, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sde_type,continuous", [("ve", True), ("vp", True), ("vp", False), ("ve", False)])
+def test_score_matching_loss_times_stay_below_t_star(sde_type, continuous):
+    flow_start = 0.6
+    scheduler = DiNofScheduler(
+        sde_type=sde_type,
+        continuous=continuous,
+        prediction_type="score" if sde_type == "ve" else "epsilon",
+        flow_start=flow_start,
+    )
+    model = RecordingModel()
+    score_matching_loss(model, scheduler, torch.zeros(4000, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    conditioning = model.timesteps[0].double()
+    if sde_type == "ve":  # the network sees sigma; invert sigma(t) (continuous) or find sigma_i (discrete)
+        if continuous:
+            t = torch.log(conditioning / 0.01) / math.log(50.0 / 0.01)
+        else:
+            sigmas = spec_chain_mean_std("ve", torch.arange(N), N=N)[1]
+            index = (conditioning[:, None] - sigmas[None, :]).abs().argmin(dim=1)
+    elif continuous:
+        t = conditioning / 999.0
+    else:
+        index = conditioning.long()
+    if continuous:
+        eps = scheduler.sampling_eps
+        # t ~ U(eps, T) * flow_start
+        assert t.min() >= eps * flow_start - 1e-6 and t.max() <= flow_start + 1e-6
+        assert t.max() > 0.99 * flow_start and t.min() < 0.01 * flow_start
+        assert abs(t.mean().item() - 0.5 * (1 + eps) * flow_start) < 0.02
+    else:
+        # the indices below int(N * flow_start), all of them reachable
+        assert index.min() == 0 and index.max() == int(N * flow_start) - 1
+
+
+@pytest.mark.parametrize("sde_type,continuous", [("ve", True), ("vp", False), ("subvp", True)])
+def test_score_matching_loss_vanishes_for_the_exact_score_of_a_point_mass(sde_type, continuous):
+    prediction_type = "score" if sde_type == "ve" else "epsilon"
+    scheduler = DiNofScheduler(sde_type=sde_type, continuous=continuous, prediction_type=prediction_type)
+    model = AnalyticGaussianModel(
+        sde_type=sde_type, prediction_type=prediction_type, continuous=continuous, data_mean=0.3, data_std=0.0
+    )
+    clean = torch.full((64, 1, 4, 4), 0.3)
+    loss = score_matching_loss(model, scheduler, clean, generator=torch.Generator().manual_seed(0))
+    assert loss.max() < 1e-6
+
+
+@pytest.mark.parametrize("sde_type", ["ve", "vp"])
+def test_flow_nll_is_minus_log_prob_of_the_marginal_sample_at_t_star(sde_type):
+    scheduler = DiNofScheduler(sde_type=sde_type, flow_start=0.6)
+    flow = FlowPriorModel(sample_size=8, in_channels=1, num_levels=2, flow_depth=2, hidden_channels=8)
+    clean = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    nll = flow_nll_loss(flow, scheduler, clean, generator=torch.Generator().manual_seed(0))
+
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    mean, std = spec_mean_std(sde_type, torch.tensor([0.6], dtype=torch.float64))
+    x_star = (mean * clean.double() + std * noise.double()).float()
+    assert nll.shape == (5,)
+    torch.testing.assert_close(nll, -flow.log_prob(x_star), rtol=1e-5, atol=1e-4)
+    assert bool(torch.cat([level.actnorm_initialized for level in flow.levels]).all())
+    assert nats_to_bits_per_dim(64 * math.log(2.0), 64) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_build_their_unet_and_scheduler(name):
+    preset = get_preset(name)
+    with torch.device("meta"):
+        unet = UNet2DModel(sample_size=preset.resolution, **preset.get_unet_config())
+    scheduler = DiNofScheduler(**preset.scheduler_config)
+    fourier = unet.config.time_embedding_type == "fourier"
+    assert scheduler.config.prediction_type == ("score" if fourier else "epsilon")
+    assert scheduler.config.sde_type == "ve" or not fourier
+    assert preset.loss_reduction in ("mean", "sum") and preset.differences
+    if name != "tiny":
+        assert preset.flow_config == {"num_levels": 3, "flow_depth": 16, "hidden_channels": 256}
+        assert preset.ema_decay == (0.999 if name.startswith("ncsnpp") else 0.9999)
+        assert scheduler.config.flow_start == 0.6 and preset.learning_rate == 2e-4 and preset.lr_warmup_steps == 5000
+        num_parameters = sum(p.numel() for p in unet.parameters())
+        assert 55e6 < num_parameters < 70e6  # NCSN++ 61.8M, DDPM++ 62M (Song et al.), CelebA-HQ NCSN++ 65.6M
+    assert get_preset("ncsnpp-celebahq256-ve").scheduler_config["sigma_max"] == 348.0
+    assert get_preset("ncsnpp-celebahq256-ve").train_batch_size == 8
+    assert nearest_published_preset("fourier").name == "ncsnpp-cifar10-ve"
+    with pytest.raises(KeyError, match="known presets"):
+        get_preset("ncsn")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint and output helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_listing_ignores_unfinished_ones_and_pruning_keeps_the_limit(tmp_path):
+    for name in ("checkpoint-10", "checkpoint-2", "checkpoint-30", ".tmp-checkpoint-40", "checkpoint-x"):
+        os.makedirs(tmp_path / name)
+    assert [os.path.basename(p) for p in list_checkpoints(tmp_path)] == [
+        "checkpoint-2",
+        "checkpoint-10",
+        "checkpoint-30",
+    ]
+    prune_checkpoints(tmp_path, 2)
+    assert [os.path.basename(p) for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-30"]
+    assert (tmp_path / ".tmp-checkpoint-40").is_dir()
+
+
+def test_save_pipeline_atomically_replaces_the_pipeline_and_keeps_the_rest(tmp_path):
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    pipeline = DiNofPipeline(unet=unet, scheduler=DiNofScheduler(sde_type="vp", prediction_type="epsilon"))
+    os.makedirs(tmp_path / "checkpoint-3")
+    os.makedirs(tmp_path / "unet")
+    (tmp_path / "unet" / "stale.bin").write_text("old")
+    save_pipeline_atomically(pipeline, tmp_path, extra_files={"note.txt": lambda p: open(p, "w").write("hi")})
+    assert (tmp_path / "model_index.json").is_file() and (tmp_path / "checkpoint-3").is_dir()
+    assert not (tmp_path / "unet" / "stale.bin").exists()
+    assert (tmp_path / "note.txt").read_text() == "hi"
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+    assert DiNofPipeline.from_pretrained(str(tmp_path)).flow_prior is None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments: bad ones fail at once, naming the flag
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    return load_train_module()
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--unet_config", "ncsn-unknown"], "--unet_config"),
+        (["--unet_config", "missing.json"], "--unet_config"),
+        (["--resolution", "10"], "--resolution"),
+        (["--resolution", "16", "--flow_num_levels", "5"], "--flow_num_levels"),
+        (["--train_component", "flow"], "--pretrained_model_name_or_path"),
+        (["--train_data_dir", "/nonexistent/images"], "--train_data_dir"),
+        (["--dataset_name", "cifar10", "--train_data_dir", "."], "--train_data_dir"),
+        (["--flow_start", "1.5"], "--flow_start"),
+        (["--sde", "vp"], "--sde"),
+        (["--unet_config", "tiny", "--pretrained_model_name_or_path", "org/model"], "--pretrained_model_name_or_path"),
+        (["--pretrained_model_name_or_path", "{empty_dir}"], "--pretrained_model_name_or_path"),
+        (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "--resume_from_checkpoint"),
+        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit"),
+        (["--report_to", "nowhere"], "--report_to"),
+        (["--train_component", "both"], "--train_component"),
+        (["--ema_decay", "1.5"], "--ema_decay"),
+    ],
+)
+def test_bad_arguments_fail_at_start_naming_the_flag(train_module, tmp_path, capsys, argv, flag):
+    argv = [arg.replace("{empty_dir}", str(tmp_path)) for arg in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_default_arguments_are_the_tiny_preset_on_the_digits(train_module):
+    args = train_module.parse_args([])
+    assert args.unet_config == "tiny" and args.dataset_name is None and args.train_data_dir is None
+    assert args.train_component == "joint" and args.continuous is None
+    assert train_module.parse_args(["--no-continuous"]).continuous is False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train.py end to end under accelerate
+# ----------------------------------------------------------------------------------------------------------------------
+
+TINY_UNET = {
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 4,
+    "time_embedding_type": "fourier",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "attention_head_dim": None,
+    "add_attention": False,
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny imagefolder (20 RGB 12x12 images), the tiny UNet config, and an HF_HOME of its own."""
+    root = tmp_path_factory.mktemp("training")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        array = np.zeros((12, 12, 3), dtype=np.uint8)
+        top, left = rng.integers(0, 6, size=2)
+        array[top : top + 6, left : left + 6] = rng.integers(64, 256, size=3)
+        Image.fromarray(array).save(images / f"image_{i:02d}.png")
+    config = root / "tiny_unet.json"
+    config.write_text(json.dumps(TINY_UNET))
+    return {"root": root, "images": str(images), "unet_config": str(config), "hf_home": str(root / "hf_home")}
+
+
+def common_args(workspace, output_dir):
+    return [
+        "--train_data_dir", workspace["images"],
+        "--resolution", "8",
+        "--random_flip",
+        "--train_batch_size", "4",
+        "--flow_num_levels", "2",
+        "--flow_depth", "2",
+        "--flow_hidden_channels", "8",
+        "--lr_warmup_steps", "2",
+        "--num_sample_images", "4",
+        "--sample_num_inference_steps", "3",
+        "--report_to", "none",
+        "--output_dir", str(output_dir),
+    ]  # fmt: skip
+
+
+def launch(workspace, args, num_processes=1, check=True):
+    """`accelerate launch` train.py on the CPU; returns the CompletedProcess."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch` of this interpreter
+    if num_processes == 1:
+        command += ["--num_processes", "1", "--cpu"]
+    else:
+        command += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "29533"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN_SCRIPT, *args]
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "HF_HOME": workspace["hf_home"],
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    if num_processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def load_weights(folder):
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_weights(first, second, atol=1e-5):
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key].float(), second[key].float(), rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def joint_run(workspace):
+    """Joint training, 6 steps over 2 epochs (5 batches each), checkpoints every 2 steps, at most 2 kept."""
+    output_dir = workspace["root"] / "joint"
+    args = common_args(workspace, output_dir) + [
+        "--unet_config", workspace["unet_config"],
+        "--max_train_steps", "6",
+        "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "2",
+        "--save_images_steps", "3",
+    ]  # fmt: skip
+    launch(workspace, args + ["--report_to", "tensorboard"])
+    return {"output_dir": output_dir, "args": args}
+
+
+def test_joint_training_writes_a_loadable_pipeline_and_prunes_checkpoints(joint_run):
+    output_dir = joint_run["output_dir"]
+    assert [os.path.basename(p) for p in list_checkpoints(output_dir)] == ["checkpoint-4", "checkpoint-6"]
+    assert not [name for name in os.listdir(output_dir) if name.startswith(".tmp-")]
+    assert os.path.isfile(output_dir / "samples" / "step-0000003.png")
+    assert os.listdir(output_dir / "logs")  # tensorboard events
+
+    pipeline = DiNofPipeline.from_pretrained(str(output_dir))
+    assert pipeline.flow_prior is not None
+    assert bool(torch.cat([level.actnorm_initialized for level in pipeline.flow_prior.levels]).all())
+    output = pipeline(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt")
+    assert output.images.shape == (2, 3, 8, 8) and torch.isfinite(output.images).all()
+
+
+def test_model_card_has_metadata_samples_configuration_and_citation(joint_run, workspace):
+    card = ModelCard.load(joint_run["output_dir"] / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert {"dinof", "normalizing-flow", "score-sde", "unconditional-image-generation"} <= set(card.data.tags)
+    assert card.data.license == "apache-2.0"
+    assert workspace["images"] in card.text
+    assert "![samples](samples.png)" in card.text and os.path.isfile(joint_run["output_dir"] / "samples.png")
+    assert "DiNofPipeline.from_pretrained" in card.text
+    assert "Zand, Mohsen and Etemad, Ali and Greenspan, Michael" in card.text
+    config = yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0])
+    assert config["train_component"] == "joint" and config["steps"] == 6
+    assert config["scheduler"]["sde_type"] == "ve" and config["scheduler"]["flow_start"] == 0.6
+    assert config["flow_prior"]["num_levels"] == 2 and config["resolution"] == 8
+
+
+def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(joint_run, workspace):
+    """A run stopped right after checkpoint-4 (its output folder then holds exactly that checkpoint), resumed."""
+    output_dir = workspace["root"] / "resumed"
+    os.makedirs(output_dir)
+    shutil.copytree(joint_run["output_dir"] / "checkpoint-4", output_dir / "checkpoint-4")
+    args = [arg if arg != str(joint_run["output_dir"]) else str(output_dir) for arg in joint_run["args"]]
+    launch(workspace, args + ["--resume_from_checkpoint", "latest"])
+
+    for component in ("unet", "flow_prior"):  # the EMA weights of the final pipelines
+        assert_same_weights(load_weights(output_dir / component), load_weights(joint_run["output_dir"] / component))
+    for name in ("model.safetensors", "model_1.safetensors"):  # the raw weights at step 6
+        assert_same_weights(
+            load_file(output_dir / "checkpoint-6" / name), load_file(joint_run["output_dir"] / "checkpoint-6" / name)
+        )
+
+
+@pytest.fixture(scope="module")
+def score_run(workspace):
+    output_dir = workspace["root"] / "score"
+    args = common_args(workspace, output_dir) + [
+        "--unet_config", workspace["unet_config"],
+        "--train_component", "score",
+        "--max_train_steps", "2",
+    ]  # fmt: skip
+    launch(workspace, args)
+    return output_dir
+
+
+def test_score_only_training_saves_a_pipeline_without_flow(score_run):
+    pipeline = DiNofPipeline.from_pretrained(str(score_run))
+    assert pipeline.flow_prior is None
+    output = pipeline(
+        batch_size=2, num_inference_steps=3, use_flow_prior=False, generator=torch.manual_seed(0), output_type="pt"
+    )
+    assert output.images.shape == (2, 3, 8, 8) and torch.isfinite(output.images).all()
+    assert os.path.isfile(score_run / "samples.png")  # from x(t*) of training images, without a flow
+
+
+def test_flow_only_training_keeps_the_pretrained_unet_unchanged(score_run, workspace):
+    output_dir = workspace["root"] / "flow"
+    args = common_args(workspace, output_dir) + [
+        "--pretrained_model_name_or_path", str(score_run),
+        "--train_component", "flow",
+        "--max_train_steps", "2",
+    ]  # fmt: skip
+    args.remove("--resolution")
+    args.remove("8")
+    launch(workspace, args)
+
+    unet = load_weights(output_dir / "unet")
+    pretrained = load_weights(score_run / "unet")
+    assert_same_weights(unet, pretrained, atol=0)
+    pipeline = DiNofPipeline.from_pretrained(str(output_dir))
+    assert pipeline.flow_prior is not None and pipeline.flow_prior.config.num_levels == 2
+    output = pipeline(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt")
+    assert torch.isfinite(output.images).all()
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.base_model == str(score_run)
+
+
+def test_two_processes_end_with_identical_replicas_actnorm_included(workspace):
+    """gloo data parallelism, gradient accumulation and a skipped non-finite step: every replica stays identical."""
+    output_dir = workspace["root"] / "ddp"
+    hash_dir = workspace["root"] / "ddp_hashes"
+    args = common_args(workspace, output_dir) + [
+        "--unet_config", workspace["unet_config"],
+        "--train_batch_size", "2",
+        "--gradient_accumulation_steps", "2",
+        "--max_train_steps", "3",
+        "--debug_nonfinite_steps", "2",
+        "--max_consecutive_nonfinite", "2",
+        "--debug_hash_dir", str(hash_dir),
+    ]  # fmt: skip
+    launch(workspace, args, num_processes=2)
+
+    ranks = [json.loads((hash_dir / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0] == ranks[1]
+    assert {"unet", "flow_prior", "ema_unet", "ema_flow_prior"} <= set(ranks[0])
+    assert any("actnorm" in key for key in ranks[0]["flow_prior"])
+    card = ModelCard.load(output_dir / "README.md")
+    config = yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0])
+    assert config["nonfinite_steps_skipped"] == 1 and config["total_batch_size"] == 8
+    flow = FlowPriorModel.from_pretrained(str(output_dir / "flow_prior"))
+    assert bool(torch.cat([level.actnorm_initialized for level in flow.levels]).all())
+    assert all(torch.isfinite(p).all() for p in flow.parameters())
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(workspace):
+    output_dir = workspace["root"] / "diverging"
+    args = common_args(workspace, output_dir) + [
+        "--unet_config", workspace["unet_config"],
+        "--max_train_steps", "5",
+        "--checkpointing_steps", "1",
+        "--debug_nonfinite_steps", "2", "3",
+        "--max_consecutive_nonfinite", "2",
+    ]  # fmt: skip
+    result = launch(workspace, args, check=False)
+    assert result.returncode != 0
+    assert "Stopping at step 3" in result.stderr and "--max_consecutive_nonfinite" in result.stderr
+    assert [os.path.basename(p) for p in list_checkpoints(output_dir)] == ["checkpoint-1", "checkpoint-2"]
+    assert not os.path.exists(output_dir / "model_index.json")
+    # the skipped step 2 changed nothing
+    for name in ("model.safetensors", "model_1.safetensors"):
+        assert_same_weights(
+            load_file(output_dir / "checkpoint-2" / name), load_file(output_dir / "checkpoint-1" / name), atol=0
+        )
