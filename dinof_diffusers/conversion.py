@@ -201,6 +201,7 @@ def convert_original_state_dict(model_cls, state_dict: Mapping, torch_dtype: Opt
         raise ValueError(f"`state_dict` must be a mapping of key -> tensor, got {type(state_dict).__name__}.")
     state_dict = strip_module_prefix(state_dict)
     full_config = check_original_state_dict(state_dict, **config)
+    state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}  # the model is built on the CPU
     model = model_cls(**full_config)
     if torch_dtype is None:
         torch_dtype = state_dict[FLOW_MARKER_KEY].dtype
