@@ -1,0 +1,677 @@
+#!/usr/bin/env python
+# Copyright 2024 The dinof-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Reproduce DiNof's claim on the embedded digits: the flow prior buys the first 40% of the reverse SDE.
+
+The claim (Zand et al., TMLR 2024): a normalizing flow that samples x(t*), t* = 0.6 T, lets the predictor-corrector
+sampler skip the first 40% of the reverse SDE, i.e. 60% of the network evaluations, without losing sample quality.
+This script tests it end to end on the scikit-learn digits (16x16, one channel, no download):
+
+1. Train a VE and a VP model with `training_scripts/train.py` under `accelerate launch` (joint training of score
+   network and flow prior from scratch, the tiny preset; VP uses the tiny UNet with DDPM's positional time embedding,
+   an epsilon predictor), or reuse trained ones (`--reuse_dir`).
+2. On the same trained weights and the same seeds (every dump draws batch b with the seed `batch_seed(seed, b)`, so
+   DiNof and the Gaussian control even share their start noise), sample
+   - `baseline`: the PC sampler (reverse diffusion + one Langevin step) from the SDE prior at T, N steps, 2N NFE;
+   - `dinof`: the flow sample of x(t*), then int(0.6 N) PC steps, 1.2 N NFE (+ one flow pass);
+   - `gaussian` (the control): the same int(0.6 N) PC steps from a plain Gaussian at t* instead of the flow, passed
+     through the pipeline's `prior_sample`. The Gaussian is the moment-matched diagonal approximation of the
+     marginal p_{t*}: per pixel, mean mean_coeff(t*) * mu and variance mean_coeff(t*)^2 * var + std(t*)^2, where mu
+     and var are the per-pixel mean and variance of the training digits (in the model's data range). It has the
+     right first and second moments per pixel and nothing else; whatever DiNof gains over it is the flow's doing.
+   for N = 1000, 500, 200, 100 (the control at the largest N only, by default). For continuous-time models "N" is
+   the number of noise scales of the sampler's discretisation, as in Song et al. (`num_train_timesteps`; the
+   networks are conditioned on the continuous time, so any N is valid).
+3. Score every dump with `compute_metrics` against the 1,797 digits with the offline "dinof-digits" extractor: FID and
+   KID on the digit classifier's features, and the classifier-confidence score (the Inception score with the digit
+   classifier; 1 to 10). A "data" row scores as many real digits the same way: the floor of each metric at this
+   sample count.
+4. Write `results.md` (the table: model, sampler, N, steps, NFE, FID, KID, confidence, s/img), `results.json`,
+   `quality_vs_nfe.png` (quality against NFE) and one sample grid per row in `grids/`, under `--output_dir`; every
+   file is written atomically. Sample dumps are resumable: an interrupted run continues where it stopped.
+
+    python benchmarks/reproduce_claim.py                      # the full run (make reproduce), ~40 min on 2 cores
+    python benchmarks/reproduce_claim.py --reuse_dir outputs/reproduce/models
+    python benchmarks/reproduce_claim.py --quick --output_dir /tmp/reproduce   # seconds; what the tests run
+
+Budget of the full run on 2 CPU cores: the tiny UNet costs ~1.5 ms per image per forward at 16x16 in large batches,
+and one sample of every row of one model takes 6,960 network evaluations (baseline 2000 + 1000 + 400 + 200, DiNof
+1200 + 600 + 240 + 120, control 1200), i.e. ~21 s per sample for both models; the default 96 samples per row thus
+take ~35 min, training both models ~5 min. The script measures a forward first and prints its own estimate.
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO_ROOT))
+
+from dinof_diffusers.data import digits_images  # noqa: E402
+from dinof_diffusers.evaluation import compute_metrics, generate_samples  # noqa: E402
+from dinof_diffusers.image_utils import image_grid, save_image_atomically  # noqa: E402
+from dinof_diffusers.pipelines.dinof import DiNofPipeline  # noqa: E402
+from dinof_diffusers.schedulers import DiNofScheduler  # noqa: E402
+from dinof_diffusers.training_presets import get_preset  # noqa: E402
+
+TRAIN_SCRIPT = REPO_ROOT / "training_scripts" / "train.py"
+MODELS = ("ve", "vp")
+SAMPLERS = ("baseline", "dinof", "gaussian")
+RESOLUTION = 16
+CHANNELS = 1
+METRICS = ("fid", "kid", "isc")
+
+FULL = {
+    "max_train_steps": 1500,
+    "train_batch_size": 64,
+    "num_samples": 96,
+    "batch_size": 96,
+    "steps": [1000, 500, 200, 100],
+}
+# VP's discrete betas need beta_max / N < 1, so the quick grids stay above N = 20.
+QUICK = {
+    "max_train_steps": 3,
+    "train_batch_size": 16,
+    "num_samples": 12,
+    "batch_size": 12,
+    "steps": [40, 25],
+}
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    model: str
+    sampler: str
+    n: int
+    steps: int
+    nfe: Optional[float]
+    fid: float
+    kid: float
+    kid_std: float
+    confidence: float
+    confidence_std: float
+    seconds_per_image: Optional[float]
+    num_samples: int
+    samples_dir: str
+    grid: Optional[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.sampler}-N{self.n}" if self.sampler != "data" else "data"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_text_atomically(text: str, path: Path) -> None:
+    """Writes `text` through a temporary file in the same folder and renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def write_json_atomically(data, path: Path) -> None:
+    write_text_atomically(json.dumps(data, indent=2, default=str) + "\n", path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def vp_unet_config() -> Dict:
+    """The tiny preset's UNet with DDPM's sinusoidal time embedding (sin first, shift 1): an epsilon predictor."""
+    config = get_preset("tiny").get_unet_config()
+    config.update(time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+
+
+def training_arguments(model: str, args, model_dir: Path, unet_config_path: Path) -> List[str]:
+    """train.py's arguments for one model: joint training on the digits, the tiny preset's settings for both SDEs."""
+    preset = get_preset("tiny")
+    flow = preset.flow_config
+    arguments = [
+        "--unet_config", "tiny" if model == "ve" else str(unet_config_path),
+        "--sde", model,
+        "--continuous",
+        "--num_channels", str(CHANNELS),
+        "--resolution", str(RESOLUTION),
+        "--train_component", "joint",
+        "--max_train_steps", str(args.max_train_steps),
+        "--train_batch_size", str(args.train_batch_size),
+        # the tiny preset's optimisation settings, given explicitly: the VP UNet's JSON config would otherwise take
+        # the defaults of the published DDPM++ preset
+        "--learning_rate", str(preset.learning_rate),
+        "--lr_warmup_steps", str(min(preset.lr_warmup_steps, max(1, args.max_train_steps // 10))),
+        "--ema_decay", str(preset.ema_decay),
+        "--loss_reduction", preset.loss_reduction,
+        "--flow_num_levels", str(flow["num_levels"]),
+        "--flow_depth", str(flow["flow_depth"]),
+        "--flow_hidden_channels", str(flow["hidden_channels"]),
+        "--checkpointing_steps", str(args.max_train_steps),
+        "--save_images_steps", str(args.max_train_steps),
+        "--num_sample_images", "16",
+        "--report_to", "none",
+        "--seed", str(args.train_seed),
+        "--output_dir", str(model_dir),
+    ]  # fmt: skip
+    if args.quick:
+        arguments += ["--sample_num_inference_steps", "3", "--num_sample_images", "4"]
+    return arguments
+
+
+def subprocess_environment(args) -> Dict[str, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def reused_model_dir(model: str, reuse_dir: str) -> Path:
+    """The trained pipeline of `model` in `--reuse_dir` (DIR/model or DIR/models/model)."""
+    for candidate in (Path(reuse_dir) / model, Path(reuse_dir) / "models" / model):
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"--reuse_dir {reuse_dir}: no trained pipeline (model_index.json) in {model}/ or models/{model}/."
+    )
+
+
+def train_models(args, output_dir: Path) -> Dict[str, Path]:
+    """The folders of the trained pipelines: `--reuse_dir`'s, up-to-date ones of an earlier run, or new ones.
+
+    New ones are trained one after the other (each run uses every core), or both at once with `--quick`, where
+    starting the processes is most of the time.
+    """
+    if args.reuse_dir is not None:
+        dirs = {model: reused_model_dir(model, args.reuse_dir) for model in args.models}
+        for model, path in dirs.items():
+            tqdm.write(f"[{model}] reusing the trained pipeline in {path}")
+        return dirs
+
+    models_dir = output_dir / "models"
+    unet_config_path = models_dir / "tiny-vp-unet.json"
+    dirs, todo = {}, {}
+    for model in args.models:
+        model_dir = dirs[model] = models_dir / model
+        if model == "vp":
+            write_json_atomically(vp_unet_config(), unet_config_path)
+        arguments = training_arguments(model, args, model_dir, unet_config_path)
+        marker = models_dir / f"{model}.training.json"
+        if (model_dir / "model_index.json").is_file() and marker.is_file():
+            if json.loads(marker.read_text()).get("arguments") == arguments:
+                tqdm.write(f"[{model}] already trained with these arguments: {model_dir}")
+                continue
+        todo[model] = (arguments, marker)
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+    if not torch.cuda.is_available():
+        command.append("--cpu")
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT)]
+    env = subprocess_environment(args)
+    if args.quick and len(todo) > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")  # side by side: one core each
+    batches = [list(todo)] if args.quick else [[model] for model in todo]
+    for batch in batches:
+        start = time.perf_counter()
+        processes = {}
+        for model in batch:
+            arguments, _ = todo[model]
+            tqdm.write(f"[{model}] training: accelerate launch train.py {' '.join(arguments)}")
+            processes[model] = subprocess.Popen(command + arguments, env=env)
+        failed = [model for model, process in processes.items() if process.wait() != 0]
+        if failed:
+            raise RuntimeError(f"Training of {failed} failed (see train.py's output above).")
+        seconds = time.perf_counter() - start
+        for model in batch:
+            arguments, marker = todo[model]
+            write_json_atomically({"arguments": arguments, "seconds": seconds}, marker)
+            tqdm.write(f"[{model}] trained in {seconds:.0f} s")
+    return dirs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def data_statistics(low: float, high: float) -> (torch.Tensor, torch.Tensor):
+    """Per-pixel mean and variance (1, 1, H, W) of the training digits in the data range [low, high]."""
+    images = torch.from_numpy(digits_images(RESOLUTION)).double() / 255.0 * (high - low) + low
+    return images.mean(0)[None, None], images.var(0, unbiased=True)[None, None]
+
+
+class ClaimSampler:
+    """A `DiNofPipeline` with the start of the reverse SDE chosen by the keyword `start`, for `generate_samples`.
+
+    `start="sde"` is the baseline (the SDE prior at T), `"flow"` DiNof, `"gaussian"` the control: x(t*) drawn as
+    `control_mean + control_std * noise`, the noise drawn first from the call's generator, exactly where DiNof draws
+    the flow's input noise, so that both see the same random numbers throughout.
+    """
+
+    def __init__(self, pipeline: DiNofPipeline, data_mean: torch.Tensor, data_var: torch.Tensor):
+        self.pipeline = pipeline
+        self.data_mean = data_mean
+        self.data_var = data_var
+
+    @property
+    def scheduler(self) -> DiNofScheduler:
+        return self.pipeline.scheduler
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self.pipeline.set_progress_bar_config(**kwargs)
+
+    def control_moments(self) -> (torch.Tensor, torch.Tensor):
+        """Mean and standard deviation (1, C, H, W) of the moment-matched Gaussian of the marginal at t*."""
+        t_star = torch.tensor([self.scheduler.t_star], dtype=torch.float64)
+        mean_coeff, std = (v.item() for v in self.scheduler.marginal_mean_std(t_star))
+        mean = mean_coeff * self.data_mean
+        variance = mean_coeff**2 * self.data_var + std**2
+        return mean.float(), variance.sqrt().float()
+
+    def __call__(self, batch_size: int, generator=None, output_type: str = "pt", start: str = "flow", **kwargs):
+        if start == "gaussian":
+            from diffusers.utils.torch_utils import randn_tensor
+
+            shape = (batch_size, CHANNELS, RESOLUTION, RESOLUTION)
+            noise = randn_tensor(shape, generator=generator, dtype=torch.float32)
+            mean, std = self.control_moments()
+            kwargs.update(prior_sample=mean + std * noise, use_flow_prior=True)
+        elif start in ("flow", "sde"):
+            kwargs.update(use_flow_prior=start == "flow")
+        else:
+            raise ValueError(f"`start` must be 'sde', 'flow' or 'gaussian', got {start!r}.")
+        return self.pipeline(batch_size=batch_size, generator=generator, output_type=output_type, **kwargs)
+
+
+def configure_steps(pipeline: DiNofPipeline, base_config: Dict, sampler: str, n: int) -> Dict:
+    """Sets up `pipeline` for N noise scales; returns the extra keywords of the pipeline call.
+
+    Continuous-time models get a scheduler with `num_train_timesteps=N` (Song et al.'s N) and its default grid; a
+    discrete model keeps its N and samples n (baseline) or int(flow_start * n) (DiNof) of its steps.
+    """
+    if base_config["continuous"]:
+        pipeline.scheduler = DiNofScheduler.from_config(base_config, num_train_timesteps=n)
+        return {}
+    steps = n if sampler == "baseline" else int(math.floor(n * base_config["flow_start"] + 1e-9))
+    pipeline.scheduler = DiNofScheduler.from_config(base_config)
+    return {"num_inference_steps": steps}
+
+
+def row_plan(steps: List[int], control_steps: List[int]) -> List[tuple]:
+    plan = [("baseline", n) for n in steps] + [("dinof", n) for n in steps]
+    return plan + [("gaussian", n) for n in control_steps]
+
+
+def nfe_per_sample(sampler: str, n: int, flow_start: float, correct_steps: int) -> int:
+    steps = n if sampler == "baseline" else int(math.floor(n * flow_start + 1e-9))
+    return steps * (1 + correct_steps)
+
+
+@torch.no_grad()
+def seconds_per_forward(pipeline: DiNofPipeline, batch_size: int, repeats: int = 3) -> float:
+    """Median seconds of one UNet forward per image at `batch_size`, after one warm-up call."""
+    x = torch.randn(batch_size, CHANNELS, RESOLUTION, RESOLUTION)
+    t = pipeline.scheduler.model_timestep(torch.full((batch_size,), 0.5))
+    pipeline.unet(x, t)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pipeline.unet(x, t)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) / batch_size
+
+
+def save_grid(samples_dir: Path, path: Path, count: int = 64) -> str:
+    from PIL import Image
+
+    files = sorted(samples_dir.glob("[0-9]*.png"))[:count]
+    images = [Image.open(file).convert("L") for file in files]
+    save_image_atomically(image_grid(images, scale=2), path)
+    return str(path)
+
+
+def score(samples_dir: Path, args) -> Dict[str, float]:
+    return compute_metrics(
+        samples_dir,
+        reference="digits",
+        feature_extractor="dinof-digits",
+        metrics=METRICS,
+        batch_size=256,
+        seed=args.seed,
+    )
+
+
+def data_floor(args, output_dir: Path) -> Row:
+    """Scores `num_samples` real digits (drawn without replacement) like a dump: the floor of every metric."""
+    from PIL import Image
+
+    folder = output_dir / "samples" / "data"
+    images = digits_images(RESOLUTION)
+    indices = np.random.default_rng(args.seed).choice(
+        len(images), size=min(args.num_samples, len(images)), replace=False
+    )
+    marker = folder / "indices.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == indices.tolist()):
+        for stale in folder.glob("*.png"):
+            stale.unlink()
+        for position, index in enumerate(indices):
+            save_image_atomically(Image.fromarray(images[index], mode="L"), folder / f"{position:06d}.png")
+        write_json_atomically(indices.tolist(), marker)
+    metrics = score(folder, args)
+    grid = save_grid(folder, output_dir / "grids" / "data.png")
+    return make_row("data", "data", 0, 0, 0, metrics, None, len(indices), folder, grid)
+
+
+def make_row(model, sampler, n, steps, nfe, metrics, seconds, num_samples, samples_dir, grid) -> Row:
+    return Row(
+        model=model,
+        sampler=sampler,
+        n=n,
+        steps=steps,
+        nfe=nfe,
+        fid=metrics["frechet_inception_distance"],
+        kid=metrics["kernel_inception_distance_mean"],
+        kid_std=metrics["kernel_inception_distance_std"],
+        confidence=metrics["classifier_confidence_score_mean"],
+        confidence_std=metrics["classifier_confidence_score_std"],
+        seconds_per_image=seconds,
+        num_samples=num_samples,
+        samples_dir=str(samples_dir),
+        grid=grid,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: List[Row], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| model | sampler | N | steps | NFE | FID | KID | confidence | s/img |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        nfe = "-" if row.sampler == "data" else f"{row.nfe:.0f}"
+        seconds = "-" if row.seconds_per_image is None else f"{row.seconds_per_image:.3f}"
+        n = "-" if row.sampler == "data" else str(row.n)
+        steps = "-" if row.sampler == "data" else str(row.steps)
+        lines.append(
+            f"| {row.model} | {row.sampler} | {n} | {steps} | {nfe} | {row.fid:.2f} | {row.kid:.4f} ± {row.kid_std:.4f} "
+            f"| {row.confidence:.2f} | {seconds} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_quality(rows: List[Row], path: Path) -> None:
+    """FID, KID and confidence against NFE: one line per model and sampler, the control as crosses, data dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    panels = (("fid", "FID (digit-classifier features)"), ("kid", "KID"), ("confidence", "classifier confidence"))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = {"ve": "tab:blue", "vp": "tab:orange"}
+    styles = {"baseline": ("o", "-"), "dinof": ("s", "--"), "gaussian": ("X", "")}
+    data = [row for row in rows if row.sampler == "data"]
+    for axis, (key, label) in zip(axes, panels):
+        for model in sorted({row.model for row in rows if row.sampler != "data"}):
+            for sampler in SAMPLERS:
+                points = sorted(
+                    (row.nfe, getattr(row, key)) for row in rows if (row.model, row.sampler) == (model, sampler)
+                )
+                if not points:
+                    continue
+                marker, line = styles[sampler]
+                axis.plot(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    marker=marker,
+                    linestyle=line or "none",
+                    color=colors.get(model),
+                    markersize=9 if sampler == "gaussian" else 6,
+                    label=f"{model} {sampler}",
+                )
+        for row in data:
+            axis.axhline(getattr(row, key), color="grey", linestyle=":", label=f"real digits (n = {row.num_samples})")
+        axis.set_xscale("log")
+        axis.set_xticks(sorted({row.nfe for row in rows if row.sampler != "data"}))
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.tick_params(axis="x", labelrotation=45)
+        axis.set_xlabel("NFE per sample (score-network evaluations)")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("DiNof (flow prior at t* = 0.6) vs the PC baseline and a Gaussian start at t*, digits 16x16")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, dpi=110)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    finally:
+        plt.close(figure)
+
+
+def write_report(rows: List[Row], meta: Dict, output_dir: Path) -> None:
+    header = "\n".join(
+        [
+            "# DiNof on the digits: quality against network evaluations",
+            "",
+            f"{meta['num_samples']} samples per row, seed {meta['seed']} (the same seeds for every row); models "
+            f"trained for {meta['max_train_steps']} joint steps (tiny preset, 16x16x1). Metrics: torch-fidelity with "
+            "the offline `dinof-digits` extractor against the 1,797 digits; FID and KID on the digit classifier's "
+            "features, confidence = the Inception score computed with the digit classifier (1 to 10, higher is "
+            "better). With this few samples FID is biased upwards: compare rows with each other and with the `data` "
+            "row (real digits, same count), not with published numbers.",
+            "",
+            "Samplers: `baseline` = PC (reverse diffusion + 1 Langevin step) from the SDE prior at T, N steps; `dinof` "
+            "= flow sample of x(t*), t* = 0.6, then int(0.6 N) PC steps (NFE excludes the one flow pass); `gaussian` = "
+            "the same steps from the moment-matched diagonal Gaussian of x(t*) (per-pixel mean mean_coeff * mu, "
+            "variance mean_coeff^2 * var + std^2 of the training digits), no flow. s/img is wall-clock time per image.",
+        ]
+    )
+    write_text_atomically(markdown_table(rows, header), output_dir / "results.md")
+    write_json_atomically({"meta": meta, "rows": [asdict(row) for row in rows]}, output_dir / "results.json")
+    if any(row.sampler != "data" for row in rows):
+        plot_quality(rows, output_dir / "quality_vs_nfe.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--output_dir", type=str, default="outputs/reproduce", help="Models, samples and report.")
+    parser.add_argument("--quick", action="store_true", help="A few training steps, samples and steps: seconds.")
+    parser.add_argument(
+        "--reuse_dir",
+        type=str,
+        default=None,
+        help="Use the trained pipelines in DIR/{ve,vp} (or DIR/models/{ve,vp}) instead of training.",
+    )
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--max_train_steps", type=int, default=None, help=f"full {FULL['max_train_steps']}")
+    parser.add_argument("--train_batch_size", type=int, default=None, help=f"full {FULL['train_batch_size']}")
+    parser.add_argument("--train_seed", type=int, default=0)
+    parser.add_argument("--num_samples", type=int, default=None, help=f"Samples per row; full {FULL['num_samples']}")
+    parser.add_argument("--batch_size", type=int, default=None, help=f"Sampling batch; full {FULL['batch_size']}")
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=None, help=f"The N of every sampler; full {FULL['steps']}"
+    )
+    parser.add_argument(
+        "--control_steps", type=int, nargs="*", default=None, help="The N of the Gaussian control; default the largest"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed (the same for every row) and metric seed.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads here and in the training runs; default: torch's (--quick: 1, the tests' setting)",
+    )
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    if args.quick and args.threads is None:
+        args.threads = 1
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("max_train_steps", "train_batch_size", "num_samples", "batch_size"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key} must be >= 1, got {getattr(args, key)}.")
+    if args.num_samples < 2:
+        parser.error("--num_samples must be >= 2 (FID and KID need two samples).")
+    if any(n < 2 for n in args.steps):
+        parser.error("--steps must all be >= 2.")
+    args.steps = sorted(set(args.steps), reverse=True)
+    if args.control_steps is None:
+        args.control_steps = [args.steps[0]]
+    return args
+
+
+def main(argv=None) -> List[Row]:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    phases = {}
+
+    model_dirs = train_models(args, output_dir)
+    phases["training_seconds"] = time.perf_counter() - start
+
+    pipelines = {}
+    for model, model_dir in model_dirs.items():
+        pipeline = DiNofPipeline.from_pretrained(str(model_dir))
+        pipeline.set_progress_bar_config(disable=True)
+        if pipeline.flow_prior is None:
+            raise ValueError(f"{model_dir} has no flow prior: DiNof needs one.")
+        pipelines[model] = pipeline
+
+    # the plan, and what it will cost
+    plan = [(model, sampler, n) for model in pipelines for sampler, n in row_plan(args.steps, args.control_steps)]
+    total_nfe = 0
+    for model, sampler, n in plan:
+        config = pipelines[model].scheduler.config
+        correct_steps = config["correct_steps"] if config["corrector"] != "none" else 0
+        total_nfe += nfe_per_sample(sampler, n, config["flow_start"], correct_steps)
+    forward = seconds_per_forward(next(iter(pipelines.values())), min(args.batch_size, args.num_samples))
+    estimate = total_nfe * args.num_samples * forward
+    tqdm.write(
+        f"plan: {len(plan)} dumps of {args.num_samples} samples, {total_nfe} NFE per sample over all of them; UNet "
+        f"forward {forward * 1e3:.2f} ms per image at batch {min(args.batch_size, args.num_samples)}: sampling "
+        f"~{estimate / 60:.1f} min"
+    )
+
+    rows: List[Row] = []
+    meta = {
+        "num_samples": args.num_samples,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "max_train_steps": args.max_train_steps,
+        "train_batch_size": args.train_batch_size,
+        "steps": args.steps,
+        "control_steps": args.control_steps,
+        "models": {model: str(path) for model, path in model_dirs.items()},
+        "quick": args.quick,
+        "torch_threads": torch.get_num_threads(),
+        "seconds_per_forward_per_image": forward,
+        "estimated_sampling_seconds": estimate,
+        "control": "moment-matched diagonal Gaussian of x(t*): per pixel N(mean_coeff * mu, mean_coeff^2 var + std^2)",
+    }
+    rows.append(data_floor(args, output_dir))
+    sampling_start = time.perf_counter()
+    with tqdm(plan, desc="dumps", unit="dump") as bar:
+        for model, sampler, n in bar:
+            bar.set_postfix_str(f"{model} {sampler} N={n}")
+            pipeline = pipelines[model]
+            base_config = dict(pipeline.scheduler.config)
+            extra = configure_steps(pipeline, base_config, sampler, n)
+            sampler_kwargs = {"start": {"baseline": "sde", "dinof": "flow", "gaussian": "gaussian"}[sampler], **extra}
+            data_mean, data_var = data_statistics(*pipeline.scheduler.data_range)
+            samples_dir = output_dir / "samples" / model / f"{sampler}-N{n}"
+            try:
+                dump = generate_samples(
+                    ClaimSampler(pipeline, data_mean, data_var),
+                    samples_dir,
+                    num_samples=args.num_samples,
+                    batch_size=args.batch_size,
+                    seed=args.seed,
+                    overwrite=True,
+                    **sampler_kwargs,
+                )
+            finally:
+                pipeline.scheduler = DiNofScheduler.from_config(base_config)
+            steps = nfe_per_sample(sampler, n, base_config["flow_start"], 0)
+            metrics = score(samples_dir, args)
+            grid = save_grid(samples_dir, output_dir / "grids" / f"{model}-{sampler}-N{n}.png")
+            row = make_row(
+                model, sampler, n, steps, dump["nfe"], metrics, dump["seconds_per_image"], args.num_samples,
+                samples_dir, grid,
+            )  # fmt: skip
+            rows.append(row)
+            tqdm.write(
+                f"{row.name:>22}: NFE {row.nfe:6.0f}  FID {row.fid:8.2f}  KID {row.kid:.4f}  confidence "
+                f"{row.confidence:.2f}  {row.seconds_per_image:.3f} s/img"
+            )
+            meta.update(phases, sampling_seconds=time.perf_counter() - sampling_start)
+            write_report(rows, meta, output_dir)  # after every dump: a long run shows its progress
+    phases["total_seconds"] = time.perf_counter() - start
+    meta.update(phases, sampling_seconds=time.perf_counter() - sampling_start)
+    write_report(rows, meta, output_dir)
+    tqdm.write(
+        f"wrote {output_dir / 'results.md'} and {output_dir / 'quality_vs_nfe.png'} in {phases['total_seconds']:.0f} s"
+    )
+    print(markdown_table(rows, ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
