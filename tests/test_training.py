@@ -525,3 +525,51 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(w
         assert_same_weights(
             load_file(output_dir / "checkpoint-2" / name), load_file(output_dir / "checkpoint-1" / name), atol=0
         )
+
+
+def test_pretrained_models_of_every_kind_are_recognised(train_module, score_run, workspace, tmp_path):
+    """DiNof pipeline, plain UNet2DModel folder, foreign diffusers pipeline (DDPM): models and scheduler settings."""
+    data = ["--train_data_dir", workspace["images"]]
+
+    # a plain UNet2DModel folder (config.json): the settings of the published preset nearest to it
+    args = train_module.parse_args(data + ["--pretrained_model_name_or_path", str(score_run / "unet")])
+    unet, flow_prior, scheduler = train_module.build_models(args, is_digits=False)
+    assert flow_prior is not None and flow_prior.config.num_levels == 3  # the preset's Glow, for joint training
+    assert scheduler.config.sde_type == "ve" and scheduler.config.prediction_type == "score"
+    assert args.resolution == 8 and args.num_channels == 3 and args.ema_decay == 0.999
+
+    # a DDPM pipeline: the discrete VP chain with its betas
+    folder = tmp_path / "ddpm"
+    ddpm_unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    ddpm_unet.save_pretrained(folder / "unet")
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    DDPMPipeline(unet=ddpm_unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    args = train_module.parse_args(
+        data + ["--pretrained_model_name_or_path", str(folder), "--train_component", "flow", "--flow_num_levels", "2"]
+    )
+    unet, flow_prior, scheduler = train_module.build_models(args, is_digits=False)
+    assert (scheduler.config.sde_type, scheduler.config.continuous, scheduler.config.prediction_type) == (
+        "vp",
+        False,
+        "epsilon",
+    )
+    assert scheduler.config.beta_min == pytest.approx(0.1) and scheduler.config.beta_max == pytest.approx(20.0)
+    assert flow_prior.config.in_channels == 1 and flow_prior.config.num_levels == 2
+
+    # flags that contradict the pretrained model are refused, naming the flag
+    args = train_module.parse_args(data + ["--pretrained_model_name_or_path", str(score_run), "--resolution", "16"])
+    with pytest.raises(train_module.TrainingError, match="--resolution"):
+        train_module.build_models(args, is_digits=False)
+    args = train_module.parse_args(data + ["--pretrained_model_name_or_path", str(folder), "--sde", "subvp"])
+    with pytest.raises(train_module.TrainingError, match="--sde.*continuous=False"):  # sub-VP has no discrete chain
+        train_module.build_models(args, is_digits=False)
