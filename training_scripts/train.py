@@ -712,8 +712,12 @@ def main(args):
         networks = [(unet, emas.get("unet")), (flow_prior, emas.get("flow_prior"))]
         return [averaged_copy(accelerator.unwrap_model(m) if m is not None else None, ema) for m, ema in networks]
 
+    last_grid = {}  # step -> (grid, nfe) of the latest grid, reused for the model card at the end
+
     def save_sample_grid(step):
         """Samples with the EMA weights on the main process; writes the grid and logs it."""
+        if step in last_grid:
+            return last_grid[step]
         pipeline = make_pipeline(*averaged_networks(), scheduler)
         images, nfe = sample_images(args, pipeline, scheduler, reference_images.to(accelerator.device))
         grid = image_grid(images, scale=max(1, 64 // args.resolution))
@@ -723,6 +727,8 @@ def main(args):
                 tracker.log_images({"samples": images.cpu().numpy()}, step=step, dataformats="NCHW")
             elif tracker.name == "wandb":
                 tracker.log_images({"samples": [grid]}, step=step)
+        last_grid.clear()
+        last_grid[step] = (grid, nfe)
         return grid, nfe
 
     # 6. the training loop
