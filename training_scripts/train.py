@@ -93,10 +93,18 @@ FLOW_FLAGS = {"flow_num_levels": "num_levels", "flow_depth": "flow_depth", "flow
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None (those defaults are the preset's, as the help says)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or not action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(
-        description="Train a DiNof model (score network + normalizing flow prior).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a DiNof model (score network + normalizing flow prior).", formatter_class=_HelpFormatter
     )
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -155,7 +163,9 @@ def parse_args(input_args=None):
         default=None,
         help="Continuous-time training (else the discrete SMLD / DDPM chain); default: the preset's.",
     )
-    model.add_argument("--flow_start", type=float, default=None, help="t* / T where the flow hands over (0.6).")
+    model.add_argument(
+        "--flow_start", type=float, default=None, help="t* / T where the flow hands over; default: the preset's (0.6)."
+    )
     model.add_argument("--sigma_max", type=float, default=None, help="VE sigma_max; default: the preset's.")
     model.add_argument("--snr", type=float, default=None, help="Langevin corrector snr; default: the preset's.")
     model.add_argument("--flow_num_levels", type=int, default=None, help="Glow levels L; default: the preset's.")
@@ -165,7 +175,14 @@ def parse_args(input_args=None):
     )
 
     training = parser.add_argument_group("training")
-    training.add_argument("--train_component", type=str, default="joint", choices=TRAIN_COMPONENTS)
+    training.add_argument(
+        "--train_component",
+        type=str,
+        default="joint",
+        choices=TRAIN_COMPONENTS,
+        help="joint: both networks, one optimiser (published); score: the UNet only; flow: the flow prior only, on "
+        "the frozen UNet of --pretrained_model_name_or_path.",
+    )
     training.add_argument("--output_dir", type=str, default="dinof-model", help="Pipeline, checkpoints and logs.")
     training.add_argument("--seed", type=int, default=0, help="Seed of the initialisation, data order and noise.")
     training.add_argument(
@@ -173,7 +190,7 @@ def parse_args(input_args=None):
     )
     training.add_argument("--num_epochs", type=int, default=100, help="Ignored when --max_train_steps is given.")
     training.add_argument("--max_train_steps", type=int, default=None, help="Optimisation steps in total.")
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimisation step.")
     training.add_argument("--learning_rate", type=float, default=None, help="Adam learning rate (preset: 2e-4).")
     training.add_argument(
         "--lr_scheduler",
@@ -182,10 +199,10 @@ def parse_args(input_args=None):
         help="A diffusers learning rate schedule; the published one is linear warm-up, then constant.",
     )
     training.add_argument("--lr_warmup_steps", type=int, default=None, help="Warm-up steps (preset: 5000).")
-    training.add_argument("--adam_beta1", type=float, default=0.9)
-    training.add_argument("--adam_beta2", type=float, default=0.999)
-    training.add_argument("--adam_weight_decay", type=float, default=0.0)
-    training.add_argument("--adam_epsilon", type=float, default=1e-8)
+    training.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    training.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    training.add_argument("--adam_weight_decay", type=float, default=0.0, help="Adam (L2) weight decay.")
+    training.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
     training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping over all networks.")
     training.add_argument(
         "--loss_reduction",
@@ -201,7 +218,13 @@ def parse_args(input_args=None):
         "--use_ema", action=argparse.BooleanOptionalAction, default=True, help="EMA of each trained network."
     )
     training.add_argument("--ema_decay", type=float, default=None, help="EMA decay; default: the preset's.")
-    training.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    training.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Autocast precision; default: accelerate's configuration.",
+    )
     training.add_argument(
         "--max_consecutive_nonfinite",
         type=int,
@@ -232,8 +255,8 @@ def parse_args(input_args=None):
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub at the end.")
     hub.add_argument("--hub_model_id", type=str, default=None, help="Repository id; default: the output folder name.")
-    hub.add_argument("--hub_token", type=str, default=None)
-    hub.add_argument("--hub_private_repo", action="store_true")
+    hub.add_argument("--hub_token", type=str, default=None, help="Hub token; default: the stored login.")
+    hub.add_argument("--hub_private_repo", action="store_true", help="Create the repository as private.")
 
     debug = parser.add_argument_group("debugging (used by the tests)")
     debug.add_argument(
