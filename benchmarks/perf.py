@@ -67,7 +67,7 @@ FULL = {
     "unet_channels": 3,
     "unet_batch": 16,
     "num_train_timesteps": 1000,
-    "forwards_per_timing": 20,
+    "forwards_per_timing": 100,
     "flow_resolution": 32,
     "flow_channels": 3,
     "flow_levels": 3,
@@ -75,7 +75,7 @@ FULL = {
     "flow_hidden": 256,
     "flow_batch": 32,
     "repeats": 5,
-    "sampler_repeats": 3,
+    "sampler_repeats": 4,
     "warmup": 1,
 }
 QUICK = {
@@ -106,12 +106,15 @@ def _synchronize(device: torch.device) -> None:
 
 def interleaved_medians(
     functions: Dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
-) -> Tuple[Dict[str, float], Dict[str, List[float]]]:
+) -> Tuple[Dict[str, float], Dict[str, float], Dict[str, Dict[str, List[float]]]]:
     """Times several functions side by side.
 
     Every function is first called `warmup` times; then `repeats` rounds follow, each calling every function once,
     in an order that is reversed every other round (so neither side always runs first, e.g. right after the other
-    warmed the caches).
+    warmed the caches). Each call is timed twice: wall clock (`time.perf_counter`) and this process's CPU time
+    (`time.process_time`, all threads). On a shared machine the CPU time does not count the time other processes
+    hold the cores, so with one thread (`--threads 1`) its ratios are the more robust ones; with several threads it
+    also counts their spinning.
 
     Args:
         functions: name -> a function without arguments.
@@ -120,21 +123,25 @@ def interleaved_medians(
         device: the device whose queue is synchronised around each timed call.
 
     Returns:
-        `(medians, times)`: the median seconds per function, and every timed call's seconds.
+        `(wall, cpu, times)`: the median wall and CPU seconds per function, and every timed call's seconds
+        (`times[name]["wall"]`, `times[name]["cpu"]`).
     """
     for _ in range(warmup):
         for function in functions.values():
             function()
-    times = {name: [] for name in functions}
+    times = {name: {"wall": [], "cpu": []} for name in functions}
     names = list(functions)
     for round_index in range(repeats):
         for name in names if round_index % 2 == 0 else reversed(names):
             _synchronize(device)
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             functions[name]()
             _synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}, times
+            times[name]["cpu"].append(time.process_time() - cpu)
+            times[name]["wall"].append(time.perf_counter() - wall)
+    wall_medians = {name: statistics.median(values["wall"]) for name, values in times.items()}
+    cpu_medians = {name: statistics.median(values["cpu"]) for name, values in times.items()}
+    return wall_medians, cpu_medians, times
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -248,7 +255,7 @@ def sampler_ratios(config: dict, device: torch.device, results: Dict[str, dict])
         f"{config['sampler_repeats']} interleaved repeats ...",
         flush=True,
     )
-    medians, times = interleaved_medians(
+    medians, cpu, times = interleaved_medians(
         {
             "baseline": run_pipeline(False),
             "dinof": run_pipeline(True),
@@ -266,10 +273,11 @@ def sampler_ratios(config: dict, device: torch.device, results: Dict[str, dict])
         "pipeline_overhead",
         baseline / (nfe[False] * forward),
         "baseline pipeline wall / (NFE x bare UNet forward); limit 1.0",
+        cpu_ratio=cpu["baseline"] / (nfe[False] * cpu["unet_forwards"] / forwards),
         nfe=nfe[False],
         pipeline_seconds=baseline,
         unet_forward_ms=forward * 1e3,
-        times=times,
+        times={name: times[name] for name in ("baseline", "unet_forwards")},
     )
     nfe_ratio = nfe[True] / nfe[False]
     report_ratio(
@@ -278,12 +286,15 @@ def sampler_ratios(config: dict, device: torch.device, results: Dict[str, dict])
         dinof / baseline,
         f"DiNof wall / baseline wall at N = {config['num_train_timesteps']}; ideal = NFE ratio + flow pass / baseline",
         ideal=nfe_ratio + flow / baseline,
+        cpu_ratio=cpu["dinof"] / cpu["baseline"],
+        cpu_ideal=nfe_ratio + cpu["flow_sample"] / cpu["baseline"],
         nfe_ratio=nfe_ratio,
         nfe_dinof=nfe[True],
         nfe_baseline=nfe[False],
         dinof_seconds=dinof,
         baseline_seconds=baseline,
         flow_pass_seconds=flow,
+        times={name: times[name] for name in ("dinof", "baseline", "flow_sample")},
     )
 
 
@@ -427,7 +438,7 @@ def flow_ratios(config: dict, device: torch.device, results: Dict[str, dict]) ->
         optimizers["normflows"].step()
         optimizers["normflows"].zero_grad(set_to_none=True)
 
-    medians, times = interleaved_medians(
+    medians, cpu, times = interleaved_medians(
         {
             "ours_log_prob": ours_log_prob,
             "normflows_log_prob": normflows_log_prob,
@@ -442,7 +453,12 @@ def flow_ratios(config: dict, device: torch.device, results: Dict[str, dict]) ->
     )
     for name, label in (("log_prob", "log_prob"), ("sample", "sample"), ("train_step", "training step")):
         ours, theirs = medians[f"ours_{name}"], medians[f"normflows_{name}"]
-        details = {"ours_seconds": ours, "normflows_seconds": theirs, "batch": batch}
+        details = {
+            "cpu_ratio": cpu[f"ours_{name}"] / cpu[f"normflows_{name}"],
+            "ours_seconds": ours,
+            "normflows_seconds": theirs,
+            "batch": batch,
+        }
         if name == "log_prob":
             details.update(checks)
         report_ratio(

@@ -40,6 +40,7 @@ take ~35 min, training both models ~5 min. The script measures a forward first a
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -265,6 +266,16 @@ def train_models(args, output_dir: Path) -> Dict[str, Path]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def weights_fingerprint(model_dir: Path) -> str:
+    """A hash of the saved weights of a pipeline, recorded with every dump: retrained weights invalidate old dumps."""
+    digest = hashlib.sha256()
+    files = [path for folder in ("unet", "flow_prior") for path in sorted((Path(model_dir) / folder).iterdir())]
+    for path in (path for path in files if path.suffix in (".safetensors", ".bin")):
+        digest.update(path.relative_to(model_dir).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def data_statistics(low: float, high: float) -> (torch.Tensor, torch.Tensor):
     """Per-pixel mean and variance (1, 1, H, W) of the training digits in the data range [low, high]."""
     images = torch.from_numpy(digits_images(RESOLUTION)).double() / 255.0 * (high - low) + low
@@ -299,7 +310,10 @@ class ClaimSampler:
         variance = mean_coeff**2 * self.data_var + std**2
         return mean.float(), variance.sqrt().float()
 
-    def __call__(self, batch_size: int, generator=None, output_type: str = "pt", start: str = "flow", **kwargs):
+    def __call__(
+        self, batch_size: int, generator=None, output_type: str = "pt", start: str = "flow", weights=None, **kwargs
+    ):
+        """Samples a batch; `weights` (the fingerprint of the weights, for the dump's manifest) is ignored."""
         if start == "gaussian":
             from diffusers.utils.torch_utils import randn_tensor
 
@@ -594,6 +608,7 @@ def main(argv=None) -> List[Row]:
         if pipeline.flow_prior is None:
             raise ValueError(f"{model_dir} has no flow prior: DiNof needs one.")
         pipelines[model] = pipeline
+    fingerprints = {model: weights_fingerprint(model_dir) for model, model_dir in model_dirs.items()}
 
     # the plan, and what it will cost
     plan = [(model, sampler, n) for model in pipelines for sampler, n in row_plan(args.steps, args.control_steps)]
@@ -620,8 +635,11 @@ def main(argv=None) -> List[Row]:
         "steps": args.steps,
         "control_steps": args.control_steps,
         "models": {model: str(path) for model, path in model_dirs.items()},
+        "weights_fingerprints": fingerprints,
         "quick": args.quick,
+        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "seconds_per_forward_per_image": forward,
         "estimated_sampling_seconds": estimate,
         "control": "moment-matched diagonal Gaussian of x(t*): per pixel N(mean_coeff * mu, mean_coeff^2 var + std^2)",
@@ -634,7 +652,11 @@ def main(argv=None) -> List[Row]:
             pipeline = pipelines[model]
             base_config = dict(pipeline.scheduler.config)
             extra = configure_steps(pipeline, base_config, sampler, n)
-            sampler_kwargs = {"start": {"baseline": "sde", "dinof": "flow", "gaussian": "gaussian"}[sampler], **extra}
+            sampler_kwargs = {
+                "start": {"baseline": "sde", "dinof": "flow", "gaussian": "gaussian"}[sampler],
+                "weights": fingerprints[model],
+                **extra,
+            }
             data_mean, data_var = data_statistics(*pipeline.scheduler.data_range)
             samples_dir = output_dir / "samples" / model / f"{sampler}-N{n}"
             try:
