@@ -349,5 +349,7 @@ def test_load_hub_id_offline_from_cache(tmp_path, monkeypatch):
         os.chdir(cwd)
     loaded.set_progress_bar_config(disable=True)
     assert torch.equal(run(pipe).images, run(loaded).images)
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        DiNofPipeline.from_pretrained(str(tmp_path / "no" / "such" / "folder"))
     with pytest.raises(Exception):  # noqa: B017 (not in the cache, offline: huggingface_hub's own error)
         DiNofPipeline.from_pretrained("dinof-test/missing", cache_dir=str(tmp_path / "cache"))

@@ -91,6 +91,8 @@ class DiNofPipeline(DiffusionPipeline):
         """
         path = str(pretrained_model_name_or_path)
         if not os.path.isdir(path):
+            if os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
+                raise FileNotFoundError(f"{path!r} is neither a folder nor a Hub repository id ('org/name').")
             from huggingface_hub import snapshot_download
 
             download_kwargs = {k: kwargs.pop(k) for k in _DOWNLOAD_KWARGS if k in kwargs}
@@ -150,8 +152,8 @@ class DiNofPipeline(DiffusionPipeline):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, self.unet.config.in_channels, height, width)
 
-    def _model_output(self, sample: torch.Tensor, model_timestep: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample.to(self.unet.dtype), model_timestep).sample
+    def _model_output(self, sample: torch.Tensor, model_timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.unet(sample.to(dtype), model_timestep).sample
 
     @torch.no_grad()
     def __call__(
@@ -248,6 +250,7 @@ class DiNofPipeline(DiffusionPipeline):
         sample_mean = sample
 
         # 3. the reverse SDE: for each t, corrector steps, then the predictor
+        unet_dtype = self.unet.dtype  # looked up once: ModelMixin.dtype walks the parameters
         correct_steps = scheduler.config.correct_steps if scheduler.config.corrector != "none" else 0
         use_predictor_model = scheduler.config.predictor != "none"
         nfe = 0
@@ -258,7 +261,7 @@ class DiNofPipeline(DiffusionPipeline):
                 model_timestep = scheduler.model_timestep(t).expand(batch_size)
 
                 for _ in range(correct_steps):
-                    model_output = self._model_output(sample, model_timestep)
+                    model_output = self._model_output(sample, model_timestep, unet_dtype)
                     nfe += 1
                     sample, sample_mean = scheduler.step_correct(
                         model_output, t, sample, generator=generator, return_dict=False
@@ -266,7 +269,7 @@ class DiNofPipeline(DiffusionPipeline):
 
                 model_output = None
                 if use_predictor_model:
-                    model_output = self._model_output(sample, model_timestep)
+                    model_output = self._model_output(sample, model_timestep, unet_dtype)
                     nfe += 1
                 sample, sample_mean = scheduler.step_pred(
                     model_output, t, sample, generator=generator, return_dict=False
