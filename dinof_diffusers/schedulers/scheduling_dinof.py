@@ -87,8 +87,12 @@ class _SDE:
     def chain_mean_std(self, i: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def step_dt(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """The time a step over the chain indices (j, i] advances: (i - j) / N, SPEC's 1 / N for one index."""
+        return (i - j).double() * self.T / self.N
+
     def step_transition(self, t: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        dt = (i - j).double() / self.N
+        dt = self.step_dt(i, j)
         return 1.0 + self.drift_coeff(t) * dt, self.diffusion(t) ** 2 * dt
 
     def ancestral_std(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -743,7 +747,7 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
             prev_sample_mean = x - ((a - 1.0) * x - var * score)
             noise_std = torch.sqrt(var)
         elif predictor == "euler_maruyama":
-            dt = self._to((index - next_index).double() / self.config.num_train_timesteps, x, x.ndim)
+            dt = self._to(self._sde.step_dt(index, next_index), x, x.ndim)
             drift = self._to(self._sde.drift_coeff(t64), x, x.ndim) * x
             g = self._to(self._sde.diffusion(t64), x, x.ndim)
             prev_sample_mean = x - (drift - g**2 * score) * dt
