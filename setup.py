@@ -18,6 +18,8 @@ setup(
         "datasets>=2.18",
         "huggingface_hub>=0.23",
         "safetensors>=0.4",
+        "pyyaml",
+        "tensorboard",
         "torch-fidelity>=0.3",
         "scikit-learn>=1.2",
         "numpy",
@@ -25,8 +27,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "normflows==1.7.3", "tensorboard", "matplotlib"],
-        "dev": ["pytest>=7", "normflows==1.7.3", "tensorboard", "matplotlib", "ruff"],
+        "test": ["pytest>=7", "normflows==1.7.3", "matplotlib"],
+        "dev": ["pytest>=7", "normflows==1.7.3", "matplotlib", "ruff"],
     },
     entry_points={
         "console_scripts": [
