@@ -102,6 +102,60 @@ class TrainingPreset:
         return copy.deepcopy(self.unet_config)
 
 
+_PUBLISHED_FLOW = {"num_levels": 3, "flow_depth": 16, "hidden_channels": 256}
+# The PC sampler of every published configuration: N = 1000, reverse diffusion + one Langevin step, t* = 0.6 T.
+_PUBLISHED_SAMPLER = {
+    "num_train_timesteps": 1000,
+    "predictor": "reverse_diffusion",
+    "corrector": "langevin",
+    "flow_start": 0.6,
+}
+
+
+def _ddpmpp_cifar10_preset(sde_type: str, sde_name: str) -> TrainingPreset:
+    """DDPM++ on CIFAR-10 (continuous time, epsilon prediction) with the VP or the sub-VP SDE."""
+    return TrainingPreset(
+        name=f"ddpmpp-cifar10-{sde_type}",
+        description=f"DDPM++ on CIFAR-10 32x32 with the {sde_name} SDE in continuous time (epsilon prediction).",
+        resolution=32,
+        unet_config={
+            **_DDPMPP_COMMON,
+            "in_channels": 3,
+            "out_channels": 3,
+            "block_out_channels": (128, 256, 256, 256),
+            "layers_per_block": 4,
+            "down_block_types": (
+                "ResnetDownsampleBlock2D",
+                "AttnDownBlock2D",
+                "ResnetDownsampleBlock2D",
+                "ResnetDownsampleBlock2D",
+            ),
+            "up_block_types": (
+                "ResnetUpsampleBlock2D",
+                "ResnetUpsampleBlock2D",
+                "AttnUpBlock2D",
+                "ResnetUpsampleBlock2D",
+            ),
+            "dropout": 0.1,
+        },
+        scheduler_config={
+            "sde_type": sde_type,
+            "continuous": True,
+            "prediction_type": "epsilon",
+            "beta_min": 0.1,
+            "beta_max": 20.0,
+            "snr": 0.16,
+            **_PUBLISHED_SAMPLER,
+        },
+        flow_config=dict(_PUBLISHED_FLOW),
+        ema_decay=0.9999,
+        train_batch_size=128,
+        loss_reduction="mean",
+        reference=f"score_sde configs/{sde_type}/cifar10_ddpmpp_continuous.py",
+        differences=_DDPMPP_CIFAR10_DIFFERENCES,
+    )
+
+
 _PRESETS: Tuple[TrainingPreset, ...] = (
     TrainingPreset(
         name="ncsnpp-cifar10-ve",
@@ -123,13 +177,10 @@ _PRESETS: Tuple[TrainingPreset, ...] = (
             "prediction_type": "score",
             "sigma_min": 0.01,
             "sigma_max": 50.0,
-            "num_train_timesteps": 1000,
-            "predictor": "reverse_diffusion",
-            "corrector": "langevin",
             "snr": 0.16,
-            "flow_start": 0.6,
+            **_PUBLISHED_SAMPLER,
         },
-        flow_config={"num_levels": 3, "flow_depth": 16, "hidden_channels": 256},
+        flow_config=dict(_PUBLISHED_FLOW),
         ema_decay=0.999,
         train_batch_size=128,
         loss_reduction="sum",
@@ -143,92 +194,8 @@ _PRESETS: Tuple[TrainingPreset, ...] = (
             "input_skip / output_skip blocks of the CelebA-HQ configuration."
         ),
     ),
-    TrainingPreset(
-        name="ddpmpp-cifar10-vp",
-        description="DDPM++ on CIFAR-10 32x32 with the VP SDE in continuous time (epsilon prediction).",
-        resolution=32,
-        unet_config={
-            **_DDPMPP_COMMON,
-            "in_channels": 3,
-            "out_channels": 3,
-            "block_out_channels": (128, 256, 256, 256),
-            "layers_per_block": 4,
-            "down_block_types": (
-                "ResnetDownsampleBlock2D",
-                "AttnDownBlock2D",
-                "ResnetDownsampleBlock2D",
-                "ResnetDownsampleBlock2D",
-            ),
-            "up_block_types": (
-                "ResnetUpsampleBlock2D",
-                "ResnetUpsampleBlock2D",
-                "AttnUpBlock2D",
-                "ResnetUpsampleBlock2D",
-            ),
-            "dropout": 0.1,
-        },
-        scheduler_config={
-            "sde_type": "vp",
-            "continuous": True,
-            "prediction_type": "epsilon",
-            "beta_min": 0.1,
-            "beta_max": 20.0,
-            "num_train_timesteps": 1000,
-            "predictor": "reverse_diffusion",
-            "corrector": "langevin",
-            "snr": 0.16,
-            "flow_start": 0.6,
-        },
-        flow_config={"num_levels": 3, "flow_depth": 16, "hidden_channels": 256},
-        ema_decay=0.9999,
-        train_batch_size=128,
-        loss_reduction="mean",
-        reference="score_sde configs/vp/cifar10_ddpmpp_continuous.py",
-        differences=_DDPMPP_CIFAR10_DIFFERENCES,
-    ),
-    TrainingPreset(
-        name="ddpmpp-cifar10-subvp",
-        description="DDPM++ on CIFAR-10 32x32 with the sub-VP SDE in continuous time (epsilon prediction).",
-        resolution=32,
-        unet_config={
-            **_DDPMPP_COMMON,
-            "in_channels": 3,
-            "out_channels": 3,
-            "block_out_channels": (128, 256, 256, 256),
-            "layers_per_block": 4,
-            "down_block_types": (
-                "ResnetDownsampleBlock2D",
-                "AttnDownBlock2D",
-                "ResnetDownsampleBlock2D",
-                "ResnetDownsampleBlock2D",
-            ),
-            "up_block_types": (
-                "ResnetUpsampleBlock2D",
-                "ResnetUpsampleBlock2D",
-                "AttnUpBlock2D",
-                "ResnetUpsampleBlock2D",
-            ),
-            "dropout": 0.1,
-        },
-        scheduler_config={
-            "sde_type": "subvp",
-            "continuous": True,
-            "prediction_type": "epsilon",
-            "beta_min": 0.1,
-            "beta_max": 20.0,
-            "num_train_timesteps": 1000,
-            "predictor": "reverse_diffusion",
-            "corrector": "langevin",
-            "snr": 0.16,
-            "flow_start": 0.6,
-        },
-        flow_config={"num_levels": 3, "flow_depth": 16, "hidden_channels": 256},
-        ema_decay=0.9999,
-        train_batch_size=128,
-        loss_reduction="mean",
-        reference="score_sde configs/subvp/cifar10_ddpmpp_continuous.py",
-        differences=_DDPMPP_CIFAR10_DIFFERENCES,
-    ),
+    _ddpmpp_cifar10_preset("vp", "VP"),
+    _ddpmpp_cifar10_preset("subvp", "sub-VP"),
     TrainingPreset(
         name="ncsnpp-celebahq256-ve",
         description="NCSN++ on CelebA-HQ 256x256 with the VE SDE in continuous time (sigma_max 348).",
@@ -265,13 +232,10 @@ _PRESETS: Tuple[TrainingPreset, ...] = (
             "prediction_type": "score",
             "sigma_min": 0.01,
             "sigma_max": 348.0,
-            "num_train_timesteps": 1000,
-            "predictor": "reverse_diffusion",
-            "corrector": "langevin",
             "snr": 0.17,
-            "flow_start": 0.6,
+            **_PUBLISHED_SAMPLER,
         },
-        flow_config={"num_levels": 3, "flow_depth": 16, "hidden_channels": 256},
+        flow_config=dict(_PUBLISHED_FLOW),
         ema_decay=0.999,
         train_batch_size=8,
         loss_reduction="sum",

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from analytic_models import AnalyticGaussianModel, spec_chain_mean_std, spec_mean_std
-from diffusers import UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -218,8 +218,9 @@ def test_checkpoint_listing_ignores_unfinished_ones_and_pruning_keeps_the_limit(
     assert (tmp_path / ".tmp-checkpoint-40").is_dir()
 
 
-def test_save_pipeline_atomically_replaces_the_pipeline_and_keeps_the_rest(tmp_path):
-    unet = UNet2DModel(
+def small_epsilon_unet():
+    """A 1-channel 8x8 UNet2DModel with positional time embedding (an epsilon predictor)."""
+    return UNet2DModel(
         sample_size=8,
         in_channels=1,
         out_channels=1,
@@ -229,7 +230,12 @@ def test_save_pipeline_atomically_replaces_the_pipeline_and_keeps_the_rest(tmp_p
         layers_per_block=1,
         norm_num_groups=4,
     )
-    pipeline = DiNofPipeline(unet=unet, scheduler=DiNofScheduler(sde_type="vp", prediction_type="epsilon"))
+
+
+def test_save_pipeline_atomically_replaces_the_pipeline_and_keeps_the_rest(tmp_path):
+    pipeline = DiNofPipeline(
+        unet=small_epsilon_unet(), scheduler=DiNofScheduler(sde_type="vp", prediction_type="epsilon")
+    )
     os.makedirs(tmp_path / "checkpoint-3")
     os.makedirs(tmp_path / "unet")
     (tmp_path / "unet" / "stale.bin").write_text("old")
@@ -540,20 +546,7 @@ def test_pretrained_models_of_every_kind_are_recognised(train_module, score_run,
 
     # a DDPM pipeline: the discrete VP chain with its betas
     folder = tmp_path / "ddpm"
-    ddpm_unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
-    ddpm_unet.save_pretrained(folder / "unet")
-    from diffusers import DDPMPipeline, DDPMScheduler
-
-    DDPMPipeline(unet=ddpm_unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    DDPMPipeline(unet=small_epsilon_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
     args = train_module.parse_args(
         data + ["--pretrained_model_name_or_path", str(folder), "--train_component", "flow", "--flow_num_levels", "2"]
     )
