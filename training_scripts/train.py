@@ -687,11 +687,12 @@ def main(args):
     )
 
     # 4. EMA of every trained network (created after `prepare`, which made the replicas identical)
+    networks = {"unet": unet, "flow_prior": flow_prior}  # None for a missing flow prior; prepared when trained
     emas = {}
     if args.use_ema:
-        for name, model in (("unet", unet), ("flow_prior", flow_prior)):
-            if model is not None and any(model is m for m in trained_models):
-                emas[name] = EMAModel(accelerator.unwrap_model(model).parameters(), decay=args.ema_decay)
+        for name, trained in (("unet", train_unet), ("flow_prior", train_flow)):
+            if trained:
+                emas[name] = EMAModel(accelerator.unwrap_model(networks[name]).parameters(), decay=args.ema_decay)
     state = TrainingState()
     accelerator.register_for_checkpointing(lr_scheduler, state, *emas.values())
 
@@ -732,8 +733,10 @@ def main(args):
 
     def averaged_networks():
         """Copies of the UNet and the flow prior (or None) with the EMA weights of the trained ones."""
-        networks = [(unet, emas.get("unet")), (flow_prior, emas.get("flow_prior"))]
-        return [averaged_copy(accelerator.unwrap_model(m) if m is not None else None, ema) for m, ema in networks]
+        return [
+            averaged_copy(accelerator.unwrap_model(model) if model is not None else None, emas.get(name))
+            for name, model in networks.items()
+        ]
 
     last_grid = {}  # step -> (grid, nfe) of the latest grid, reused for the model card at the end
 
@@ -813,7 +816,7 @@ def main(args):
             if stepped:
                 lr_scheduler.step()
                 for name, ema in emas.items():
-                    ema.step(accelerator.unwrap_model(unet if name == "unet" else flow_prior).parameters())
+                    ema.step(accelerator.unwrap_model(networks[name]).parameters())
             if not window_finite:
                 state.nonfinite_steps += 1
                 consecutive_nonfinite += 1
@@ -862,12 +865,10 @@ def main(args):
     # 7. the end: per-process hashes (debugging), then the pipeline with the EMA weights and its model card
     if args.debug_hash_dir is not None:
         hashes = {}
-        for name, model in (("unet", unet), ("flow_prior", flow_prior)):
+        for (name, model), averaged in zip(networks.items(), averaged_networks()):
             if model is not None:
                 hashes[name] = state_dict_hashes(accelerator.unwrap_model(model))
-        for name, network in zip(("ema_unet", "ema_flow_prior"), averaged_networks()):
-            if network is not None:
-                hashes[name] = state_dict_hashes(network)
+                hashes[f"ema_{name}"] = state_dict_hashes(averaged)
         os.makedirs(args.debug_hash_dir, exist_ok=True)
         with open(os.path.join(args.debug_hash_dir, f"rank{accelerator.process_index}.json"), "w") as handle:
             json.dump(hashes, handle, indent=1, sort_keys=True)
