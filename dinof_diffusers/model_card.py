@@ -30,6 +30,7 @@ def create_model_card(
     samples_filename: Optional[str] = "samples.png",
     samples_description: str = "",
     base_model: Optional[str] = None,
+    score_trained_to_T: bool = False,
     license: str = "apache-2.0",
 ) -> ModelCard:
     """Builds the model card of a trained DiNof pipeline.
@@ -43,6 +44,8 @@ def create_model_card(
         samples_filename (`str`, *optional*): the sample grid beside the card; `None` for none.
         samples_description (`str`): how the grid was sampled (steps, seed, weights).
         base_model (`str`, *optional*): the pretrained model training started from.
+        score_trained_to_T (`bool`, defaults to `False`): whether the score network was trained on the whole time
+            range [eps, T] (then the baseline sampler from T is valid) rather than below t* only.
         license (`str`, defaults to `"apache-2.0"`): the card's license metadata.
 
     Returns:
@@ -78,8 +81,13 @@ def create_model_card(
         "images = pipeline(batch_size=16, generator=torch.manual_seed(0)).images\n"
         'images[0].save("dinof_sample.png")\n'
         "```\n\n"
-        "`use_flow_prior=False` runs the baseline sampler from the SDE prior instead; the score network was trained "
-        "on the noise levels below t* only, so the baseline needs a network trained with `flow_start=1.0`.",
+        "`use_flow_prior=False` runs the baseline sampler from the SDE prior at T instead; "
+        + (
+            "the score network was trained on the whole time range [eps, T], so it is valid for both."
+            if score_trained_to_T
+            else "the score network was trained on the noise levels below t* only, so the baseline would need a "
+            "network trained on the whole time range."
+        ),
         "## Training configuration",
         f"Data set: {dataset_description}.",
         "```yaml\n" + yaml.safe_dump(training_config, sort_keys=False, default_flow_style=False).rstrip() + "\n```",

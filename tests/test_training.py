@@ -423,6 +423,7 @@ def test_model_card_has_metadata_samples_configuration_and_citation(joint_run, w
     assert config["train_component"] == "joint" and config["steps"] == 6
     assert config["scheduler"]["sde_type"] == "ve" and config["scheduler"]["flow_start"] == 0.6
     assert config["flow_prior"]["num_levels"] == 2 and config["resolution"] == 8
+    assert config["score_time_range"] == "[eps, T] * flow_start"
 
 
 def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(joint_run, workspace):
@@ -447,6 +448,7 @@ def score_run(workspace):
     args = common_args(workspace, output_dir) + [
         "--unet_config", workspace["unet_config"],
         "--train_component", "score",
+        "--score_time_range", "full",
         "--max_train_steps", "2",
     ]  # fmt: skip
     launch(workspace, args)
@@ -461,6 +463,10 @@ def test_score_only_training_saves_a_pipeline_without_flow(score_run):
     )
     assert output.images.shape == (2, 3, 8, 8) and torch.isfinite(output.images).all()
     assert os.path.isfile(score_run / "samples.png")  # from x(t*) of training images, without a flow
+    card = ModelCard.load(score_run / "README.md")
+    config = yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0])
+    assert config["train_component"] == "score" and config["score_time_range"] == "[eps, T]"
+    assert "valid for both" in card.text
 
 
 def test_flow_only_training_keeps_the_pretrained_unet_unchanged(score_run, workspace):

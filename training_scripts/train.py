@@ -212,6 +212,15 @@ def parse_args(input_args=None):
         help="Per-sample score loss: mean over dimensions or 0.5 * sum; default: the preset's.",
     )
     training.add_argument(
+        "--score_time_range",
+        type=str,
+        default="t_star",
+        choices=["t_star", "full"],
+        help="Times the score network is trained on: t_star: U(eps, T) * flow_start, as published (the DiNof "
+        "sampler never goes above t*); full: U(eps, T), so that the baseline sampler from T (use_flow_prior=False) "
+        "can be run with the same network, e.g. to compare the two.",
+    )
+    training.add_argument(
         "--flow_loss_weight", type=float, default=1.0, help="Weight of the flow NLL (nats) in the summed loss."
     )
     training.add_argument(
@@ -630,6 +639,11 @@ def main(args):
     if flow_prior is not None and not train_flow:
         flow_prior.to(accelerator.device)
 
+    # the score network's training times: those of a scheduler with t* = T for --score_time_range full
+    score_scheduler = scheduler
+    if args.score_time_range == "full":
+        score_scheduler = DiNofScheduler.from_config(scheduler.config, flow_start=1.0)
+
     # 2. data
     dataset, dataset_description = load_training_dataset(args)
     # fixed images whose x(t*) starts the sample grids when there is no flow prior (no augmentation, no RNG)
@@ -779,7 +793,7 @@ def main(args):
                 losses = torch.zeros(clean_images.shape[0], 2, device=clean_images.device)
                 loss = 0.0
                 if train_unet:
-                    score_losses = score_matching_loss(unet, scheduler, clean_images, reduce=args.loss_reduction)
+                    score_losses = score_matching_loss(unet, score_scheduler, clean_images, reduce=args.loss_reduction)
                     loss, losses[:, 0] = loss + score_losses.mean(), score_losses.detach()
                 if train_flow:
                     flow_nlls = flow_nll_loss(flow_prior, scheduler, clean_images)
@@ -900,6 +914,7 @@ def main(args):
                 "max_grad_norm": args.max_grad_norm,
             },
             "loss_reduction": args.loss_reduction,
+            "score_time_range": "[eps, T]" if args.score_time_range == "full" else "[eps, T] * flow_start",
             "flow_loss_weight": args.flow_loss_weight,
             "ema_decay": args.ema_decay if args.use_ema else None,
             "mixed_precision": accelerator.mixed_precision,
@@ -917,6 +932,7 @@ def main(args):
                 f"steps, seed {args.sample_seed}, {nfe} score-network evaluations per image."
             ),
             base_model=args.pretrained_model_name_or_path,
+            score_trained_to_T=args.score_time_range == "full",
         )
         save_pipeline_atomically(
             pipeline,
