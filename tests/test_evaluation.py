@@ -32,15 +32,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", autouse=True)
 def cache_dir(tmp_path_factory):
-    """Points DINOF_CACHE_DIR at a temporary folder (the classifier trains there once for this module) and runs torch
-    on one thread, so that the timings do not suffer from oversubscription on small machines."""
+    """Points DINOF_CACHE_DIR at a temporary folder: the classifier trains there once for this module."""
     path = tmp_path_factory.mktemp("dinof_cache")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DINOF_CACHE_DIR", str(path))
         yield path
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.lu is deprecated")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def published_glow(channels=3, size=8, num_levels=2, flow_depth=2, hidden=16, scale=True):
     """The flow exactly as the published DiNof code builds it (`init_models` in its run_lib.py)."""
     q0, merges, flows = [], [], []

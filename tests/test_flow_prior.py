@@ -12,15 +12,6 @@ from dinof_diffusers.models.flow_prior import squeeze2d, unsqueeze2d
 SMALL = dict(sample_size=8, in_channels=3, num_levels=2, flow_depth=2, hidden_channels=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize(model: FlowPriorModel, scale: float = 0.05, seed: int = 0) -> FlowPriorModel:
     """Non-trivial couplings (the last convolutions start at zero), base distributions and 1x1 convolutions."""
     gen = torch.Generator().manual_seed(seed)

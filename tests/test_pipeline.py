@@ -14,16 +14,6 @@ from dinof_diffusers import DiNofPipeline, DiNofScheduler
 from dinof_diffusers.models.flow_prior import FlowPriorModel
 from dinof_diffusers.pipelines import DiNofPipelineOutput
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: one intra-op thread is faster, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Closed forms: data N(mu, s^2 I), exact scores, start from the exact marginal at t*.
 # ----------------------------------------------------------------------------------------------------------------------

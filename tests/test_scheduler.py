@@ -13,15 +13,6 @@ SIGMA_MIN, SIGMA_MAX, BETA_MIN, BETA_MAX = 0.01, 50.0, 0.1, 20.0
 SHAPE = (4, 3, 4, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: one intra-op thread is faster, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # SPEC.md, transcribed directly (float64)
 # ----------------------------------------------------------------------------------------------------------------------
