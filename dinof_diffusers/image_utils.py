@@ -1,13 +1,14 @@
 """Sample grids and atomic image writes, shared by the training, sampling and evaluation scripts."""
 
 import os
-import tempfile
 from typing import List, Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
+
+from .file_utils import atomic_write_path
 
 
 def image_grid(
@@ -45,20 +46,5 @@ def image_grid(
 
 def save_image_atomically(image: Image.Image, path: Union[str, os.PathLike]) -> None:
     """Writes `image` to `path` through a temporary file in the same folder, so no reader sees half a file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    extension = os.path.splitext(path)[1] or ".png"
-    handle, temporary_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=extension)
-    os.close(handle)
-    try:
+    with atomic_write_path(path) as temporary_path:
         image.save(temporary_path)
-        # mkstemp creates files readable by the owner only; give the picture the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary_path, 0o666 & ~umask)
-        os.replace(temporary_path, path)
-    except BaseException:
-        if os.path.exists(temporary_path):
-            os.remove(temporary_path)
-        raise

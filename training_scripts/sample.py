@@ -5,13 +5,13 @@ python training_scripts/sample.py --pipeline outputs/demo/pipeline --output_dir 
 """
 
 import argparse
-import json
 import os
 import time
 
 import torch
 
 from dinof_diffusers import DiNofPipeline
+from dinof_diffusers.file_utils import write_json_atomically
 from dinof_diffusers.image_utils import image_grid, save_image_atomically
 
 
@@ -67,10 +67,7 @@ def main(argv=None):
         ratio = report["dinof"]["seconds"] / report["baseline"]["seconds"]
         print(f"DiNof / baseline: NFE {report['dinof']['nfe'] / report['baseline']['nfe']:.2f}, wall {ratio:.2f}")
 
-    summary_path = os.path.join(args.output_dir, "sampling.json")
-    with open(summary_path + ".tmp", "w") as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(summary_path + ".tmp", summary_path)
+    write_json_atomically(report, os.path.join(args.output_dir, "sampling.json"))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ The cache directory is `$DINOF_CACHE_DIR` if set, else `$XDG_CACHE_HOME/dinof_di
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -37,6 +36,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.helpers import vassert
 
 from ..data import digits_images, digits_labels
+from ..file_utils import atomic_write_path
 
 DIGITS_FEATURE_EXTRACTOR_NAME = "dinof-digits"
 # Feature keys provided to torch-fidelity: penultimate activations, logits without / with the bias.
@@ -255,17 +255,8 @@ def _random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: i
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
+    with atomic_write_path(path) as temporary_path:
+        torch.save(obj, temporary_path)
 
 
 def load_digits_classifier(

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from ..file_utils import write_json_atomically
 from ..image_utils import save_image_atomically
 from .digits_classifier import (
     DIGITS_FEATURE_EXTRACTOR_NAME,
@@ -64,24 +65,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return repr(value)
-
-
-def write_json_atomically(data: Dict[str, Any], path: Union[str, os.PathLike]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_path = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=2, sort_keys=True)
-            file.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary_path, 0o666 & ~umask)
-        os.replace(temporary_path, path)
-    except BaseException:
-        if os.path.exists(temporary_path):
-            os.remove(temporary_path)
-        raise
 
 
 def _scheduler_config(pipeline) -> Optional[Dict[str, Any]]:
