@@ -32,7 +32,7 @@ demo: $(VENV)/.installed
 	$(OFFLINE) $(PY) training_scripts/sample.py --pipeline $(DEMO_DIR)/pipeline --output_dir $(DEMO_DIR) \
 		--num_images 64 --seed 0 --compare_baseline
 
-# DiNof's claim on the digits: trains VE and VP models, then FID / KID / confidence against NFE (~45 min on 2 CPU
+# DiNof's claim on the digits: trains VE and VP models, then FID / KID / confidence against NFE (~35 min on 2 CPU
 # cores); writes outputs/reproduce/results.md and quality_vs_nfe.png. Resumable: run it again after an interruption.
 reproduce: $(VENV)/.installed
 	$(OFFLINE) $(PY) benchmarks/reproduce_claim.py --output_dir outputs/reproduce

@@ -25,18 +25,21 @@ This script tests it end to end on the scikit-learn digits (16x16, one channel, 
    KID on the digit classifier's features, and the classifier-confidence score (the Inception score with the digit
    classifier; 1 to 10). A "data" row scores as many real digits the same way: the floor of each metric at this
    sample count.
-4. Write `results.md` (the table: model, sampler, N, steps, NFE, FID, KID, confidence, s/img), `results.json`,
-   `quality_vs_nfe.png` (quality against NFE) and one sample grid per row in `grids/`, under `--output_dir`; every
-   file is written atomically. Sample dumps are resumable: an interrupted run continues where it stopped.
+4. Write `results.md` (the table: model, sampler, N, steps, NFE, FID, KID, confidence, s/img; then how far DiNof's
+   and the control's samples lie apart, sample by sample), `results.json`, `quality_vs_nfe.png` (quality against
+   NFE) and one sample grid per row in `grids/`, under `--output_dir`; every file is written atomically. Sample dumps are resumable: an interrupted run continues where it stopped.
 
-    python benchmarks/reproduce_claim.py                      # the full run (make reproduce), ~40 min on 2 cores
+    python benchmarks/reproduce_claim.py                      # the full run (make reproduce), ~35 min on 2 cores
     python benchmarks/reproduce_claim.py --reuse_dir outputs/reproduce/models
     python benchmarks/reproduce_claim.py --quick --output_dir /tmp/reproduce   # seconds; what the tests run
 
-Budget of the full run on 2 CPU cores: the tiny UNet costs ~1.5 ms per image per forward at 16x16 in large batches,
-and one sample of every row of one model takes 6,960 network evaluations (baseline 2000 + 1000 + 400 + 200, DiNof
-1200 + 600 + 240 + 120, control 1200), i.e. ~21 s per sample for both models; the default 96 samples per row thus
-take ~35 min, training both models ~5 min. The script measures a forward first and prints its own estimate.
+Budget of the full run on 2 CPU cores (measured on a quiet 2-core machine, 2 threads): the tiny UNet costs
+~0.48 ms per image per network evaluation inside the pipeline at 16x16 in a batch of 200 (0.75 ms with one thread);
+one sample of every row of one model takes 6,960 evaluations (baseline 2000 + 1000 + 400 + 200, DiNof 1200 + 600 +
+240 + 120, control 1200), 13,920 for both models, i.e. ~6.7 s per sample: ~22 min for the default 200 samples per
+row. A joint training step at batch 64 takes ~0.15 s: ~8 min for 2 x 1500 steps. With the metrics, ~33 min in all
+(~40 min if the machine is 20% slower). The script measures a forward first and prints its own estimate; sample
+dumps are resumable, so an interrupted run loses at most one dump.
 """
 
 import argparse
@@ -77,8 +80,8 @@ METRICS = ("fid", "kid", "isc")
 FULL = {
     "max_train_steps": 1500,
     "train_batch_size": 64,
-    "num_samples": 96,
-    "batch_size": 96,
+    "num_samples": 200,
+    "batch_size": 200,
     "steps": [1000, 500, 200, 100],
 }
 # VP's discrete betas need beta_max / N < 1, so the quick grids stay above N = 20.
@@ -426,6 +429,43 @@ def make_row(model, sampler, n, steps, nfe, metrics, seconds, num_samples, sampl
     )
 
 
+def load_dump(samples_dir: Path) -> np.ndarray:
+    from PIL import Image
+
+    files = sorted(Path(samples_dir).glob("[0-9]*.png"))
+    return np.stack([np.asarray(Image.open(file), dtype=np.float64) for file in files])
+
+
+def paired_differences(rows: List[Row]) -> List[Dict]:
+    """How much the start changes the output, sample by sample (the dumps share their seeds).
+
+    For every DiNof dump with a control dump of the same model and N: the mean absolute pixel difference (grey levels,
+    0 to 255) between sample i of the two dumps, and the fraction of samples that are identical. Both run the same
+    steps with the same noise, only x(t*) differs; the reverse SDE can forget where it started, and then both end in
+    (nearly) the same image. (The baseline draws other noise at the same steps, so it is not compared this way.)
+    """
+    by_key = {(row.model, row.sampler, row.n): row for row in rows}
+    results = []
+    for (model, sampler, n), row in by_key.items():
+        if sampler != "dinof":
+            continue
+        dinof = load_dump(row.samples_dir)
+        if (model, "gaussian", n) not in by_key:
+            continue
+        images = load_dump(by_key[(model, "gaussian", n)].samples_dir)
+        count = min(len(images), len(dinof))
+        difference = np.abs(dinof[:count] - images[:count]).reshape(count, -1)
+        results.append(
+            {
+                "model": model,
+                "n": n,
+                "mean_abs_difference": float(difference.mean()),
+                "identical_fraction": float((difference.max(axis=1) == 0).mean()),
+            }
+        )
+    return results
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------------
@@ -466,19 +506,23 @@ def plot_quality(rows: List[Row], path: Path) -> None:
     for axis, (key, label) in zip(axes, panels):
         for model in sorted({row.model for row in rows if row.sampler != "data"}):
             for sampler in SAMPLERS:
-                points = sorted(
-                    (row.nfe, getattr(row, key)) for row in rows if (row.model, row.sampler) == (model, sampler)
+                selected = sorted(
+                    (row for row in rows if (row.model, row.sampler) == (model, sampler)), key=lambda row: row.nfe
                 )
-                if not points:
+                if not selected:
                     continue
                 marker, line = styles[sampler]
-                axis.plot(
-                    [p[0] for p in points],
-                    [p[1] for p in points],
+                # KID comes with the standard deviation over its subsets
+                errors = [row.kid_std for row in selected] if key == "kid" else None
+                axis.errorbar(
+                    [row.nfe for row in selected],
+                    [getattr(row, key) for row in selected],
+                    yerr=errors,
                     marker=marker,
                     linestyle=line or "none",
                     color=colors.get(model),
                     markersize=9 if sampler == "gaussian" else 6,
+                    capsize=3,
                     label=f"{model} {sampler}",
                 )
         for row in data:
@@ -527,8 +571,28 @@ def write_report(rows: List[Row], meta: Dict, output_dir: Path) -> None:
             "variance mean_coeff^2 * var + std^2 of the training digits), no flow. s/img is wall-clock time per image.",
         ]
     )
-    write_text_atomically(markdown_table(rows, header), output_dir / "results.md")
-    write_json_atomically({"meta": meta, "rows": [asdict(row) for row in rows]}, output_dir / "results.json")
+    pairs = paired_differences(rows)
+    text = markdown_table(rows, header)
+    if pairs:
+        lines = [
+            "",
+            "`dinof` vs `gaussian`, sample by sample: the same steps and the same noise, only x(t*) differs. Mean absolute "
+            "difference of sample i of the two dumps (grey levels, 0 to 255) and the fraction of identical samples. A "
+            "small difference means the reverse SDE from t* forgets its start (with common noise, trajectories from "
+            "different starts converge): there, the flow cannot matter.",
+            "",
+            "| model | N | mean abs difference | identical |",
+            "|---|---:|---:|---:|",
+        ]
+        for pair in pairs:
+            lines.append(
+                f"| {pair['model']} | {pair['n']} | {pair['mean_abs_difference']:.3f} | "
+                f"{pair['identical_fraction']:.2f} |"
+            )
+        text += "\n".join(lines) + "\n"
+    write_text_atomically(text, output_dir / "results.md")
+    report = {"meta": meta, "rows": [asdict(row) for row in rows], "paired_differences": pairs}
+    write_json_atomically(report, output_dir / "results.json")
     if any(row.sampler != "data" for row in rows):
         plot_quality(rows, output_dir / "quality_vs_nfe.png")
 

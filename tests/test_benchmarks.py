@@ -150,7 +150,12 @@ def test_reproduce_quick_end_to_end(tmp_path):
             assert math.isfinite(row[key]), (row["model"], row["sampler"], key)
         assert 1.0 <= row["confidence"] <= 10.0 + 1e-6
 
+    pairs = report["paired_differences"]
+    assert {(pair["model"], pair["n"]) for pair in pairs} == {(m, max(steps)) for m in ("ve", "vp")}
+    for pair in pairs:
+        assert 0 <= pair["mean_abs_difference"] <= 255 and 0 <= pair["identical_fraction"] <= 1
+
     table = (output_dir / "results.md").read_text()
     assert "| model | sampler | N | steps | NFE | FID | KID | confidence | s/img |" in table
-    assert table.count("\n| v") == len(generated)
+    assert table.count("\n| v") == len(generated) + len(pairs)  # the quality table, then the paired differences
     assert "sampling ~" in result.stdout + result.stderr  # the cost estimate is shown before sampling
