@@ -35,13 +35,11 @@ runs in seconds (the test suite runs it so that it cannot rot). Every size is a 
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -56,6 +54,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
 import diffusers  # noqa: E402
 from diffusers import UNet2DModel  # noqa: E402
 
+from dinof_diffusers.file_utils import write_json_atomically  # noqa: E402
 from dinof_diffusers.models.flow_prior import FlowPriorModel  # noqa: E402
 from dinof_diffusers.pipelines.dinof import DiNofPipeline  # noqa: E402
 from dinof_diffusers.schedulers import DiNofScheduler  # noqa: E402
@@ -94,9 +93,9 @@ QUICK = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Timing
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _synchronize(device: torch.device) -> None:
@@ -144,9 +143,9 @@ def interleaved_medians(
     return wall_medians, cpu_medians, times
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Reporting
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def environment(device: torch.device) -> Dict[str, object]:
@@ -184,23 +183,9 @@ def _format(value) -> str:
     return str(value)
 
 
-def write_json_atomically(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=2)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The sampler ratios
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def build_sampler_pipeline(config: dict, device: torch.device) -> DiNofPipeline:
@@ -298,17 +283,17 @@ def sampler_ratios(config: dict, device: torch.device, results: Dict[str, dict])
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The flow ratios
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def published_glow(channels: int, size: int, num_levels: int, flow_depth: int, hidden: int):
     """normflows' `MultiscaleFlow` in the published DiNof layout (SPEC.md, "Glow flow prior").
 
     Level i (0 = coarsest) has K `GlowBlock`s on C * 2^(L+1-i) channels (affine coupling, channel split, LU 1x1
-    convolution, ActNorm) followed by a `Squeeze`; a `Merge` joins level i > 0 to the levels before it; each level has a
-    `GlowBase` (per-channel diagonal Gaussian) for its latent: (C * 2^(L+1), H / 2^L, W / 2^L) for level 0,
+    convolution, ActNorm) followed by a `Squeeze`; a `Merge` joins level i > 0 to the levels before it; each level has
+    a `GlowBase` (per-channel diagonal Gaussian) for its latent: (C * 2^(L+1), H / 2^L, W / 2^L) for level 0,
     (C * 2^(L-i), H / 2^(L-i), W / 2^(L-i)) for level i > 0.
     """
     import normflows as nf
@@ -471,9 +456,9 @@ def flow_ratios(config: dict, device: torch.device, results: Dict[str, dict]) ->
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Command line
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):

@@ -27,7 +27,8 @@ This script tests it end to end on the scikit-learn digits (16x16, one channel, 
    sample count.
 4. Write `results.md` (the table: model, sampler, N, steps, NFE, FID, KID, confidence, s/img; then how far DiNof's
    and the control's samples lie apart, sample by sample), `results.json`, `quality_vs_nfe.png` (quality against
-   NFE) and one sample grid per row in `grids/`, under `--output_dir`; every file is written atomically. Sample dumps are resumable: an interrupted run continues where it stopped.
+   NFE) and one sample grid per row in `grids/`, under `--output_dir`; every file is written atomically. Sample
+   dumps are resumable: an interrupted run continues where it stopped.
 
     python benchmarks/reproduce_claim.py                      # the full run (make reproduce), ~35 min on 2 cores
     python benchmarks/reproduce_claim.py --reuse_dir outputs/reproduce/models
@@ -49,7 +50,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,6 +65,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
 
 from dinof_diffusers.data import digits_images  # noqa: E402
 from dinof_diffusers.evaluation import compute_metrics, generate_samples  # noqa: E402
+from dinof_diffusers.file_utils import atomic_write_path, write_json_atomically, write_text_atomically  # noqa: E402
 from dinof_diffusers.image_utils import image_grid, save_image_atomically  # noqa: E402
 from dinof_diffusers.pipelines.dinof import DiNofPipeline  # noqa: E402
 from dinof_diffusers.schedulers import DiNofScheduler  # noqa: E402
@@ -118,33 +119,9 @@ class Row:
         return f"{self.model}-{self.sampler}-N{self.n}" if self.sampler != "data" else "data"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def write_text_atomically(text: str, path: Path) -> None:
-    """Writes `text` through a temporary file in the same folder and renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def write_json_atomically(data, path: Path) -> None:
-    write_text_atomically(json.dumps(data, indent=2, default=str) + "\n", path)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Training
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def vp_unet_config() -> Dict:
@@ -264,9 +241,9 @@ def train_models(args, output_dir: Path) -> Dict[str, Path]:
     return dirs
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Sampling
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def weights_fingerprint(model_dir: Path) -> str:
@@ -466,9 +443,9 @@ def paired_differences(rows: List[Row]) -> List[Dict]:
     return results
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Report
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def markdown_table(rows: List[Row], header: str) -> str:
@@ -484,7 +461,8 @@ def markdown_table(rows: List[Row], header: str) -> str:
         n = "-" if row.sampler == "data" else str(row.n)
         steps = "-" if row.sampler == "data" else str(row.steps)
         lines.append(
-            f"| {row.model} | {row.sampler} | {n} | {steps} | {nfe} | {row.fid:.2f} | {row.kid:.4f} ± {row.kid_std:.4f} "
+            f"| {row.model} | {row.sampler} | {n} | {steps} | {nfe} | {row.fid:.2f} | "
+            f"{row.kid:.4f} ± {row.kid_std:.4f} "
             f"| {row.confidence:.2f} | {seconds} |"
         )
     return "\n".join(lines) + "\n"
@@ -538,17 +516,9 @@ def plot_quality(rows: List[Row], path: Path) -> None:
     axes[0].legend(fontsize=8)
     figure.suptitle("DiNof (flow prior at t* = 0.6) vs the PC baseline and a Gaussian start at t*, digits 16x16")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=110)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+        with atomic_write_path(path) as temporary_path:
+            figure.savefig(temporary_path, dpi=110)
     finally:
         plt.close(figure)
 
@@ -565,10 +535,11 @@ def write_report(rows: List[Row], meta: Dict, output_dir: Path) -> None:
             "better). With this few samples FID is biased upwards: compare rows with each other and with the `data` "
             "row (real digits, same count), not with published numbers.",
             "",
-            "Samplers: `baseline` = PC (reverse diffusion + 1 Langevin step) from the SDE prior at T, N steps; `dinof` "
-            "= flow sample of x(t*), t* = 0.6, then int(0.6 N) PC steps (NFE excludes the one flow pass); `gaussian` = "
-            "the same steps from the moment-matched diagonal Gaussian of x(t*) (per-pixel mean mean_coeff * mu, "
-            "variance mean_coeff^2 * var + std^2 of the training digits), no flow. s/img is wall-clock time per image.",
+            "Samplers: `baseline` = PC (reverse diffusion + 1 Langevin step) from the SDE prior at T, N steps; "
+            "`dinof` = flow sample of x(t*), t* = 0.6, then int(0.6 N) PC steps (NFE excludes the one flow pass); "
+            "`gaussian` = the same steps from the moment-matched diagonal Gaussian of x(t*) (per-pixel mean "
+            "mean_coeff * mu, variance mean_coeff^2 * var + std^2 of the training digits), no flow. s/img is "
+            "wall-clock time per image.",
         ]
     )
     pairs = paired_differences(rows)
@@ -576,10 +547,10 @@ def write_report(rows: List[Row], meta: Dict, output_dir: Path) -> None:
     if pairs:
         lines = [
             "",
-            "`dinof` vs `gaussian`, sample by sample: the same steps and the same noise, only x(t*) differs. Mean absolute "
-            "difference of sample i of the two dumps (grey levels, 0 to 255) and the fraction of identical samples. A "
-            "small difference means the reverse SDE from t* forgets its start (with common noise, trajectories from "
-            "different starts converge): there, the flow cannot matter.",
+            "`dinof` vs `gaussian`, sample by sample: the same steps and the same noise, only x(t*) differs. Mean "
+            "absolute difference of sample i of the two dumps (grey levels, 0 to 255) and the fraction of identical "
+            "samples. A small difference means the reverse SDE from t* forgets its start (with common noise, "
+            "trajectories from different starts converge): there, the flow cannot matter.",
             "",
             "| model | N | mean abs difference | identical |",
             "|---|---:|---:|---:|",
@@ -597,9 +568,9 @@ def write_report(rows: List[Row], meta: Dict, output_dir: Path) -> None:
         plot_quality(rows, output_dir / "quality_vs_nfe.png")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Command line
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
