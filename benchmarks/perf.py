@@ -503,8 +503,9 @@ def main(argv=None) -> Dict[str, object]:
     load = env.get("load_average_at_start", [0.0])[0]
     if device.type == "cpu" and load > (os.cpu_count() or 1) - 0.5:
         print(
-            f"warning: load average {load} on {os.cpu_count()} CPUs: other processes compete for the cores; the "
-            "ratios are measured side by side, but absolute times are noisy (try --threads 1).",
+            f"warning: load average {load} on {os.cpu_count()} CPUs: other processes compete for the cores. The "
+            "ratios are measured side by side, but wall times are noisy (compare the cpu_ratio beside each), and "
+            "several intra-op threads can run many times slower than one: prefer --threads 1.",
             flush=True,
         )
     print(f"mode: {'quick' if args.quick else 'full'}", flush=True)

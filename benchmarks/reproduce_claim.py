@@ -41,6 +41,10 @@ one sample of every row of one model takes 6,960 evaluations (baseline 2000 + 10
 row. A joint training step at batch 64 takes ~0.15 s: ~8 min for 2 x 1500 steps. With the metrics, ~33 min in all
 (~40 min if the machine is 20% slower). The script measures a forward first and prints its own estimate; sample
 dumps are resumable, so an interrupted run loses at most one dump.
+
+Threads: without `--threads` the script uses one thread or torch's default, whichever runs a UNet forward faster at
+that moment (checked at the start and before every dump). On a 2-core machine that other processes also use, torch's
+2 intra-op threads were measured 20 to 35 times slower than one thread; on a quiet one they are ~1.5x faster.
 """
 
 import argparse
@@ -113,6 +117,7 @@ class Row:
     num_samples: int
     samples_dir: str
     grid: Optional[str]
+    threads: Optional[int] = None
 
     @property
     def name(self) -> str:
@@ -163,6 +168,34 @@ def training_arguments(model: str, args, model_dir: Path, unet_config_path: Path
     if args.quick:
         arguments += ["--sample_num_inference_steps", "3", "--num_sample_images", "4"]
     return arguments
+
+
+def choose_threads(candidates: List[int], repeats: int = 5) -> Dict[int, float]:
+    """Times the tiny UNet's forward (batch 64, 16x16x1) with each number of threads, interleaved; medians in seconds.
+
+    On a machine where other processes hold cores, several intra-op threads can be many times slower than one (each
+    parallel region waits for a descheduled thread); on a quiet one they are faster. Measuring is the only safe way.
+    """
+    from diffusers import UNet2DModel
+
+    config = get_preset("tiny").get_unet_config()
+    config.update(sample_size=RESOLUTION, in_channels=CHANNELS, out_channels=CHANNELS)
+    unet = UNet2DModel(**config).eval()
+    x, t = torch.randn(64, CHANNELS, RESOLUTION, RESOLUTION), torch.full((64,), 0.5)
+    times = {threads: [] for threads in candidates}
+    previous = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for round_index in range(repeats + 1):
+                for threads in candidates if round_index % 2 else reversed(candidates):
+                    torch.set_num_threads(threads)
+                    start = time.perf_counter()
+                    unet(x, t)
+                    if round_index > 0:  # the first round warms up
+                        times[threads].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return {threads: float(np.median(values)) for threads, values in times.items()}
 
 
 def subprocess_environment(args) -> Dict[str, str]:
@@ -602,7 +635,8 @@ def parse_args(argv=None):
         "--threads",
         type=int,
         default=None,
-        help="torch threads here and in the training runs; default: torch's (--quick: 1, the tests' setting)",
+        help="torch threads here and in the training runs; default: 1 or torch's default, whichever runs a UNet "
+        "forward faster right now (--quick: 1, the tests' setting)",
     )
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
@@ -626,8 +660,21 @@ def parse_args(argv=None):
 
 def main(argv=None) -> List[Row]:
     args = parse_args(argv)
-    if args.threads is not None:
+    # Without --threads: 1 or torch's default, whichever is faster now; checked again before every dump, since the
+    # load of a shared machine changes during a long run.
+    candidate_threads = sorted({1, torch.get_num_threads()}) if args.threads is None else [args.threads]
+
+    def pick_threads(repeats=5):
+        if len(candidate_threads) > 1:
+            timings = choose_threads(candidate_threads, repeats=repeats)
+            args.threads = min(timings, key=timings.get)
+            shown = ", ".join(f"{threads}: {seconds * 1e3:.1f} ms" for threads, seconds in timings.items())
+            tqdm.write(f"threads: UNet forward at batch 64 with ({shown}): using {args.threads} (or pass --threads)")
+        else:
+            args.threads = candidate_threads[0]
         torch.set_num_threads(args.threads)
+
+    pick_threads()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -684,6 +731,7 @@ def main(argv=None) -> List[Row]:
     with tqdm(plan, desc="dumps", unit="dump") as bar:
         for model, sampler, n in bar:
             bar.set_postfix_str(f"{model} {sampler} N={n}")
+            pick_threads(repeats=2)
             pipeline = pipelines[model]
             base_config = dict(pipeline.scheduler.config)
             extra = configure_steps(pipeline, base_config, sampler, n)
@@ -713,6 +761,7 @@ def main(argv=None) -> List[Row]:
                 model, sampler, n, steps, dump["nfe"], metrics, dump["seconds_per_image"], args.num_samples,
                 samples_dir, grid,
             )  # fmt: skip
+            row.threads = torch.get_num_threads()
             rows.append(row)
             tqdm.write(
                 f"{row.name:>22}: NFE {row.nfe:6.0f}  FID {row.fid:8.2f}  KID {row.kid:.4f}  confidence "
