@@ -8,7 +8,9 @@ This script tests it end to end on the scikit-learn digits (16x16, one channel, 
 
 1. Train a VE and a VP model with `training_scripts/train.py` under `accelerate launch` (joint training of score
    network and flow prior from scratch, the tiny preset; VP uses the tiny UNet with DDPM's positional time embedding,
-   an epsilon predictor), or reuse trained ones (`--reuse_dir`).
+   an epsilon predictor), or reuse trained ones (`--reuse_dir`). The score network is trained on the whole time
+   range (`--score_time_range full`; the published recipe stops at t*), so that the baseline sampler, which starts at
+   T, is valid on the same weights.
 2. On the same trained weights and the same seeds (every dump draws batch b with the seed `batch_seed(seed, b)`, so
    DiNof and the Gaussian control even share their start noise), sample
    - `baseline`: the PC sampler (reverse diffusion + one Langevin step) from the SDE prior at T, N steps, 2N NFE;
@@ -147,6 +149,9 @@ def training_arguments(model: str, args, model_dir: Path, unet_config_path: Path
         "--num_channels", str(CHANNELS),
         "--resolution", str(RESOLUTION),
         "--train_component", "joint",
+        # the score network learns every t in [eps, T], not only t <= t* as published, so that the baseline sampler
+        # (from T) runs on the same weights as DiNof: the comparison is then between samplers, not networks
+        "--score_time_range", "full",
         "--max_train_steps", str(args.max_train_steps),
         "--train_batch_size", str(args.train_batch_size),
         # the tiny preset's optimisation settings, given explicitly: the VP UNet's JSON config would otherwise take
@@ -616,7 +621,8 @@ def parse_args(argv=None):
         "--reuse_dir",
         type=str,
         default=None,
-        help="Use the trained pipelines in DIR/{ve,vp} (or DIR/models/{ve,vp}) instead of training.",
+        help="Use the trained pipelines in DIR/{ve,vp} (or DIR/models/{ve,vp}) instead of training; for a fair "
+        "baseline their score networks must have been trained up to T (train.py --score_time_range full).",
     )
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--max_train_steps", type=int, default=None, help=f"full {FULL['max_train_steps']}")

@@ -129,6 +129,10 @@ def test_reproduce_quick_end_to_end(tmp_path):
     assert not list(output_dir.rglob(".tmp-*"))
     for model in ("ve", "vp"):
         assert (output_dir / "models" / model / "model_index.json").is_file()
+        # the baseline starts at T: the score network must have been trained there too
+        arguments = json.loads((output_dir / "models" / f"{model}.training.json").read_text())["arguments"]
+        assert arguments[arguments.index("--score_time_range") + 1] == "full"
+        assert arguments[arguments.index("--sde") + 1] == model
 
     report = json.loads((output_dir / "results.json").read_text())
     rows = report["rows"]
