@@ -237,10 +237,10 @@ def test_cli_validates_arguments(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_pipeline_dir(tmp_path_factory):
-    pipeline_module = pytest.importorskip("dinof_diffusers.pipelines.dinof.pipeline_dinof")
     from diffusers import UNet2DModel
 
     from dinof_diffusers.models.flow_prior import FlowPriorModel
+    from dinof_diffusers.pipelines.dinof import pipeline_dinof as pipeline_module
     from dinof_diffusers.schedulers.scheduling_dinof import DiNofScheduler
 
     torch.manual_seed(0)
