@@ -9,6 +9,7 @@ The discrete index of a time is i(t) = floor(t * (N - 1) / T) (SPEC), evaluated 
 """
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -58,7 +59,7 @@ class DiNofSchedulerOutput(BaseOutput):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _SDE:
+class _SDE(ABC):
     """A forward SDE dx = f(x, t) dt + g(t) dw on [0, T] and its N-step discretisation.
 
     `step_transition(t, i, j)` returns (a, var) of the forward transition from chain index j to chain index i,
@@ -74,18 +75,22 @@ class _SDE:
         self.T = T
 
     # continuous SDE
+    @abstractmethod
     def marginal_mean_std(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """See the subclasses."""
 
+    @abstractmethod
     def drift_coeff(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """See the subclasses."""
 
+    @abstractmethod
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """See the subclasses."""
 
     # discrete chain
+    @abstractmethod
     def chain_mean_std(self, i: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """See the subclasses."""
 
     def step_dt(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """The time a step over the chain indices (j, i] advances: (i - j) / N, SPEC's 1 / N for one index."""
@@ -95,8 +100,9 @@ class _SDE:
         dt = self.step_dt(i, j)
         return 1.0 + self.drift_coeff(t) * dt, self.diffusion(t) ** 2 * dt
 
+    @abstractmethod
     def ancestral_std(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """See the subclasses."""
 
     def langevin_alpha(self, i: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(i, dtype=torch.float64)
