@@ -4,6 +4,7 @@ scikit-learn ships the 1,797 8x8 digits (UCI optical recognition of handwritten 
 wheel, so this data set needs no download and runs through exactly the code path a Hub data set takes.
 """
 
+from functools import lru_cache
 from typing import Optional
 
 import numpy as np
@@ -11,6 +12,14 @@ from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
 DIGITS_NUM_IMAGES = 1797
+
+
+@lru_cache(maxsize=1)
+def _sklearn_digits():
+    """scikit-learn's digits, read from its wheel once per process (images and labels are asked for together)."""
+    from sklearn.datasets import load_digits
+
+    return load_digits()
 
 
 def digits_images(resolution: Optional[int] = None) -> np.ndarray:
@@ -22,12 +31,10 @@ def digits_images(resolution: Optional[int] = None) -> np.ndarray:
     Returns:
         `np.ndarray` of shape (1797, resolution, resolution), dtype uint8, ink bright on a dark background.
     """
-    from sklearn.datasets import load_digits
-
     if resolution is not None and resolution < 1:
         raise ValueError(f"`resolution` must be a positive integer or None, got {resolution}.")
     # 16 grey levels (0..16) mapped onto the full 8-bit range.
-    images = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.round(_sklearn_digits().images * (255.0 / 16.0)).astype(np.uint8)
     if resolution is None or resolution == images.shape[-1]:
         return images
     resized = [
@@ -38,9 +45,7 @@ def digits_images(resolution: Optional[int] = None) -> np.ndarray:
 
 def digits_labels() -> np.ndarray:
     """The class (0-9) of each digit, shape (1797,), int64."""
-    from sklearn.datasets import load_digits
-
-    return load_digits().target.astype(np.int64)
+    return _sklearn_digits().target.astype(np.int64)
 
 
 def load_digits_dataset(resolution: Optional[int] = None) -> Dataset:
