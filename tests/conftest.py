@@ -9,3 +9,16 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_pipeline_dir(tmp_path_factory, single_thread):
+    """A folder holding the tiny pipeline of tests/trained_pipeline.py, trained once per session (a few seconds).
+
+    Load it with `DiNofPipeline.from_pretrained(trained_tiny_pipeline_dir)`; never write into it.
+    """
+    from trained_pipeline import train_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("trained_tiny_pipeline")
+    train_tiny_pipeline().save_pretrained(path)
+    return path
