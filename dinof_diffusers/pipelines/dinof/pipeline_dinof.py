@@ -15,6 +15,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...models.flow_prior import FlowPriorModel
+from ...models.gaussian_prior import GaussianPriorModel
 from ...schedulers.scheduling_dinof import DiNofScheduler
 
 logger = logging.get_logger(__name__)
@@ -22,6 +23,47 @@ logger = logging.get_logger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt")
 # Arguments of `from_pretrained` that only concern downloading; they are handed to `snapshot_download`.
 _DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+
+
+def check_prior_matches_scheduler(flow_prior, scheduler) -> None:
+    """Raises a `ValueError` if a prior that records the marginal it models (a `GaussianPriorModel`: `flow_start`,
+    `data_range`, `mean_coeff`, `noise_std` in its config) was fitted for another t* or SDE than the scheduler's.
+
+    A `FlowPriorModel` records none of these and always passes.
+    """
+    if flow_prior is None or scheduler is None:
+        return
+    config = getattr(flow_prior, "config", {})
+    prior_start = config.get("flow_start")
+    if prior_start is None:
+        return
+    name = type(flow_prior).__name__
+    fix = (
+        "fit the prior for this scheduler, or change both together (set `pipe.flow_prior = None` first, or build "
+        "`DiNofPipeline(unet, scheduler, flow_prior)` anew)."
+    )
+    if abs(prior_start - scheduler.config.flow_start) > 1e-9:
+        raise ValueError(
+            f"The {name} models x(t*) at `flow_start`={prior_start}, but the scheduler's `flow_start` is "
+            f"{scheduler.config.flow_start}: {fix}"
+        )
+    if tuple(config.get("data_range", scheduler.data_range)) != tuple(scheduler.data_range):
+        raise ValueError(
+            f"The {name} was fitted for data in `data_range`={tuple(config['data_range'])}, but the scheduler's "
+            f"data range is {tuple(scheduler.data_range)}: {fix}"
+        )
+    if config.get("mean_coeff") is not None and config.get("noise_std") is not None:
+        t = torch.tensor([scheduler.t_star], dtype=torch.float64)
+        mean_coeff, noise_std = (float(v[0]) for v in scheduler.marginal_mean_std(t))
+        if not (
+            np.isclose(config["mean_coeff"], mean_coeff, rtol=1e-5)
+            and np.isclose(config["noise_std"], noise_std, rtol=1e-5)
+        ):
+            raise ValueError(
+                f"The {name} was fitted for the marginal x(t*) = {config['mean_coeff']:.6g} x0 + {config['noise_std']:.6g}"
+                f" n, but the scheduler's at t* = {scheduler.t_star} is {mean_coeff:.6g} x0 + {noise_std:.6g} n (another"
+                f" SDE or noise schedule): {fix}"
+            )
 
 
 @dataclass
@@ -49,7 +91,9 @@ class DiNofPipeline(DiffusionPipeline):
         unet ([`UNet2DModel`]): the score network (or any model with its call, `unet(x, timestep).sample`, and a
             config with `in_channels` and `sample_size`); it returns a score or a noise estimate as the scheduler's
             `prediction_type` says, conditioned on `scheduler.model_timestep(t)`.
-        flow_prior ([`FlowPriorModel`], *optional*): the flow prior of x(t*); it always runs in float32.
+        flow_prior ([`FlowPriorModel`] or [`GaussianPriorModel`], *optional*): the prior of x(t*); it always runs in
+            float32. A `GaussianPriorModel` must have been fitted for the scheduler's t* and SDE (checked when either
+            component is set and at every call).
         scheduler ([`DiNofScheduler`]): the SDE and the PC sampler.
     """
 
@@ -58,9 +102,22 @@ class DiNofPipeline(DiffusionPipeline):
     # "latents" is the current sample x of the reverse SDE, "latents_mean" the last update without its noise term.
     _callback_tensor_inputs = ["latents", "latents_mean"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: DiNofScheduler, flow_prior: Optional[FlowPriorModel] = None):
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: DiNofScheduler,
+        flow_prior: Optional[Union[FlowPriorModel, GaussianPriorModel]] = None,
+    ):
         super().__init__()
         self.register_modules(unet=unet, flow_prior=flow_prior, scheduler=scheduler)
+
+    def __setattr__(self, name, value):
+        # construction (register_modules) and later assignment both come through here
+        if name in ("flow_prior", "scheduler"):
+            flow_prior = value if name == "flow_prior" else self.__dict__.get("flow_prior")
+            scheduler = value if name == "scheduler" else self.__dict__.get("scheduler")
+            check_prior_matches_scheduler(flow_prior, scheduler)
+        super().__setattr__(name, value)
 
     @property
     def num_timesteps(self) -> int:
@@ -141,6 +198,8 @@ class DiNofPipeline(DiffusionPipeline):
                 "`use_flow_prior=True` needs a `flow_prior` component (or a `prior_sample` at t*); this pipeline has "
                 "none: pass `use_flow_prior=False` for the baseline PC sampler."
             )
+        if use_flow_prior and prior_sample is None:
+            check_prior_matches_scheduler(self.flow_prior, self.scheduler)
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
