@@ -61,3 +61,89 @@ def load_digits_dataset(resolution: Optional[int] = None) -> Dataset:
         {"image": [PILImage.fromarray(image) for image in images], "label": digits_labels().tolist()},
         features=features,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Natural-image patches: random crops of scikit-learn's two sample photographs (also shipped in its wheel).
+# ----------------------------------------------------------------------------------------------------------------------
+
+PATCH_SPLITS = ("train", "test")
+# Training crops lie in the left three quarters of each photograph, test crops in the right quarter: disjoint pixels.
+PATCH_TRAIN_FRACTION = 0.75
+DEFAULT_NUM_PATCHES = {"train": 20000, "test": 2000}
+
+
+@lru_cache(maxsize=1)
+def _sklearn_sample_photos() -> tuple:
+    """scikit-learn's sample photographs (china.jpg, flower.jpg), uint8 (427, 640, 3) each."""
+    from sklearn.datasets import load_sample_images
+
+    return tuple(load_sample_images().images)
+
+
+def _check_patch_args(split: str, size: int, num_patches: Optional[int]) -> int:
+    if split not in PATCH_SPLITS:
+        raise ValueError(f"`split` must be one of {list(PATCH_SPLITS)}, got {split!r}.")
+    height, width = _sklearn_sample_photos()[0].shape[:2]
+    region_width = int(width * PATCH_TRAIN_FRACTION) if split == "train" else width - int(width * PATCH_TRAIN_FRACTION)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= min(height, region_width):
+        raise ValueError(f"`size` must be an integer in [1, {min(height, region_width)}], got {size!r}.")
+    num_patches = DEFAULT_NUM_PATCHES[split] if num_patches is None else num_patches
+    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
+        raise ValueError(f"`num_patches` must be a positive integer or None, got {num_patches!r}.")
+    return num_patches
+
+
+def sample_patch_positions(
+    split: str = "train", size: int = 16, num_patches: Optional[int] = None, seed: int = 0
+) -> np.ndarray:
+    """Where `sample_patches` crops: one row (photo, top, left) per patch.
+
+    Patch k comes from photo k % 2; its top-left corner is uniform over the positions whose size x size window lies
+    inside the split's region: columns [0, 480) of the 640-wide photos for "train", [480, 640) for "test". The
+    positions depend only on (split, size, num_patches, seed), through a NumPy generator seeded with (seed, split).
+
+    Returns:
+        `np.ndarray` of shape (num_patches, 3), int64.
+    """
+    num_patches = _check_patch_args(split, size, num_patches)
+    height, width = _sklearn_sample_photos()[0].shape[:2]
+    boundary = int(width * PATCH_TRAIN_FRACTION)
+    left_low, left_high = (0, boundary - size) if split == "train" else (boundary, width - size)
+    rng = np.random.default_rng([seed, PATCH_SPLITS.index(split)])
+    photo = np.arange(num_patches) % 2
+    top = rng.integers(0, height - size, size=num_patches, endpoint=True)
+    left = rng.integers(left_low, left_high, size=num_patches, endpoint=True)
+    return np.stack([photo, top, left], axis=1).astype(np.int64)
+
+
+def sample_patches(
+    split: str = "train", size: int = 16, num_patches: Optional[int] = None, seed: int = 0
+) -> np.ndarray:
+    """Random size x size RGB crops of scikit-learn's two sample photographs, disjoint between the splits.
+
+    Args:
+        split: "train" (crops from the left three quarters of both photos) or "test" (from the right quarter).
+        size: the side length of the square patches.
+        num_patches: default 20,000 for "train" and 2,000 for "test".
+        seed: the seed of the crop positions (see `sample_patch_positions`).
+
+    Returns:
+        `np.ndarray` of shape (num_patches, size, size, 3), uint8.
+    """
+    photos = _sklearn_sample_photos()
+    positions = sample_patch_positions(split, size, num_patches, seed)
+    return np.stack([photos[p][top : top + size, left : left + size] for p, top, left in positions])
+
+
+def load_sample_patches(
+    split: str = "train", size: int = 16, num_patches: Optional[int] = None, seed: int = 0
+) -> Dataset:
+    """Natural-image patches (`sample_patches`) as a `datasets.Dataset` with an `image` column (PIL, mode "RGB").
+
+    A second natural-image data set that ships with scikit-learn (nothing is downloaded), for experiments where the
+    digits are too simple: 20,000 training and 2,000 test 16x16 patches by default.
+    """
+    features = Features({"image": Image()})
+    patches = sample_patches(split, size, num_patches, seed)
+    return Dataset.from_dict({"image": [PILImage.fromarray(patch) for patch in patches]}, features=features)

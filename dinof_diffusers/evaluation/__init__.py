@@ -1,4 +1,5 @@
-"""Sample generation and torch-fidelity metrics for DiNof pipelines, with an offline digits feature extractor."""
+"""Sample generation and torch-fidelity metrics for DiNof pipelines (offline digits and DINOv2 feature extractors),
+and the flow-gain / headroom diagnostic."""
 
 from .digits_classifier import (
     DIGITS_FEATURE_EXTRACTOR_NAME,
@@ -9,6 +10,16 @@ from .digits_classifier import (
     load_digits_classifier,
     register_digits_feature_extractor,
     train_digits_classifier,
+)
+from .flow_gain import (
+    Estimate,
+    FlowGainResult,
+    diffuse_images,
+    flow_gain,
+    images_to_tensor,
+    mean_estimate,
+    mixture_log_prob,
+    prior_log_prob,
 )
 from .metrics import (
     SUPPORTED_METRICS,
@@ -28,6 +39,8 @@ __all__ = [
     "DIGITS_FEATURE_EXTRACTOR_NAME",
     "SUPPORTED_METRICS",
     "DigitsClassifier",
+    "Estimate",
+    "FlowGainResult",
     "FeatureExtractorDigits",
     "batch_seed",
     "compute_metrics",
@@ -36,9 +49,15 @@ __all__ = [
     "default_cache_dir",
     "default_feature_extractor",
     "digits_classifier_info",
+    "diffuse_images",
     "digits_reference_folder",
+    "flow_gain",
     "generate_samples",
+    "images_to_tensor",
     "load_digits_classifier",
+    "mean_estimate",
+    "mixture_log_prob",
+    "prior_log_prob",
     "register_digits_feature_extractor",
     "resolve_reference",
     "train_digits_classifier",
