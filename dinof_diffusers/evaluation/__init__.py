@@ -11,6 +11,14 @@ from .digits_classifier import (
     register_digits_feature_extractor,
     train_digits_classifier,
 )
+from .dinov2 import (
+    DINOV2_FEATURE_EXTRACTOR_NAME,
+    DINOV2_MODEL_IDS,
+    FeatureExtractorDinov2HF,
+    load_dinov2_model,
+    preprocess_dinov2,
+    register_dinov2_feature_extractors,
+)
 from .flow_gain import (
     Estimate,
     FlowGainResult,
@@ -34,14 +42,18 @@ from .metrics import (
 )
 
 register_digits_feature_extractor()
+register_dinov2_feature_extractors()
 
 __all__ = [
     "DIGITS_FEATURE_EXTRACTOR_NAME",
+    "DINOV2_FEATURE_EXTRACTOR_NAME",
+    "DINOV2_MODEL_IDS",
     "SUPPORTED_METRICS",
     "DigitsClassifier",
     "Estimate",
     "FlowGainResult",
     "FeatureExtractorDigits",
+    "FeatureExtractorDinov2HF",
     "batch_seed",
     "compute_metrics",
     "configure_scheduler",
@@ -55,10 +67,13 @@ __all__ = [
     "generate_samples",
     "images_to_tensor",
     "load_digits_classifier",
+    "load_dinov2_model",
     "mean_estimate",
     "mixture_log_prob",
+    "preprocess_dinov2",
     "prior_log_prob",
     "register_digits_feature_extractor",
+    "register_dinov2_feature_extractors",
     "resolve_reference",
     "train_digits_classifier",
 ]

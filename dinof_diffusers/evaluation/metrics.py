@@ -29,6 +29,7 @@ from .digits_classifier import (
     default_classifier_path,
     register_digits_feature_extractor,
 )
+from .dinov2 import register_dinov2_feature_extractors
 
 MANIFEST_NAME = "generation.json"
 SUPPORTED_METRICS = ("fid", "isc", "kid", "prc")
@@ -510,7 +511,8 @@ def compute_metrics(
     Args:
         samples_dir: folder of generated images (input1; PNG/JPEG, all the same size).
         reference: the real images (input2; see `resolve_reference`); required for FID, KID and PRC.
-        feature_extractor: `"inception-v3-compat"`, `"dinof-digits"` or any torch-fidelity registered extractor;
+        feature_extractor: `"inception-v3-compat"`, `"dinof-digits"`, `"dinov2-hf-vit-l-14"` (FD-DINOv2; another
+            model id or folder via `feature_extractor_weights_path=...`) or any torch-fidelity registered extractor;
             default `default_feature_extractor(reference)`.
         metrics: a subset of `("fid", "isc", "kid", "prc")`; ISC is computed on the samples.
         batch_size: feature extraction batch size.
@@ -537,6 +539,7 @@ def compute_metrics(
     import torch_fidelity
 
     register_digits_feature_extractor()
+    register_dinov2_feature_extractors()
     metrics = tuple(metrics)
     unknown = sorted(set(metrics) - set(SUPPORTED_METRICS))
     if unknown or not metrics:
