@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dinof_diffusers import DiNofScheduler, GaussianPriorModel
-from dinof_diffusers.models.gaussian_prior import estimate_image_moments
 from dinof_diffusers.evaluation.flow_gain import (
     diffuse_images,
     flow_gain,
@@ -15,6 +14,7 @@ from dinof_diffusers.evaluation.flow_gain import (
     mean_estimate,
     mixture_log_prob,
 )
+from dinof_diffusers.models.gaussian_prior import estimate_image_moments
 
 
 def test_mixture_log_prob_against_brute_force():
@@ -28,8 +28,7 @@ def test_mixture_log_prob_against_brute_force():
         expected = []
         for x in points.reshape(11, -1):
             terms = [
-                torch.distributions.Normal(mean_coeff * c, std).log_prob(x).sum()
-                for c in components.reshape(23, -1)
+                torch.distributions.Normal(mean_coeff * c, std).log_prob(x).sum() for c in components.reshape(23, -1)
             ]
             expected.append(torch.logsumexp(torch.stack(terms), 0) - math.log(23))
         torch.testing.assert_close(got, torch.stack(expected), rtol=1e-12, atol=1e-9)
@@ -55,7 +54,9 @@ def test_diffused_points_are_seeded_draws_of_the_marginal():
     a, s = scheduler.marginal_mean_std(torch.tensor([0.3], dtype=torch.float64))
     torch.testing.assert_close(points, a * images + s * noise)
     uint8 = torch.randint(0, 256, (2, 3, 3), dtype=torch.uint8).numpy()
-    torch.testing.assert_close(images_to_tensor(uint8, (-1.0, 1.0))[:, 0], torch.from_numpy(uint8).double() / 127.5 - 1.0)
+    torch.testing.assert_close(
+        images_to_tensor(uint8, (-1.0, 1.0))[:, 0], torch.from_numpy(uint8).double() / 127.5 - 1.0
+    )
 
 
 def gaussian_data(seed, n, dim=4):

@@ -33,7 +33,9 @@ def reference_gaussian(images, scheduler, diagonal=False):
     cov = torch.cov(flat.T, correction=0)
     if diagonal:
         cov = torch.diag(torch.diagonal(cov))
-    return torch.distributions.MultivariateNormal(a * flat.mean(0), a * a * cov + s * s * torch.eye(flat.shape[1], dtype=torch.float64))
+    return torch.distributions.MultivariateNormal(
+        a * flat.mean(0), a * a * cov + s * s * torch.eye(flat.shape[1], dtype=torch.float64)
+    )
 
 
 def noisy(images, scheduler, seed=1):
