@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dinof_diffusers import DiNofScheduler, GaussianPriorModel
+from dinof_diffusers import DiNofScheduler, FlowPriorModel, GaussianPriorModel
 from dinof_diffusers.evaluation.flow_gain import (
     diffuse_images,
     flow_gain,
@@ -106,3 +106,16 @@ def test_headroom_brackets_zero_on_gaussian_data():
 
     with pytest.raises(ValueError, match="`t`"):
         flow_gain(train, test, scheduler, t=0.2, flow_prior=diagonal, show_progress=False)
+
+
+def test_with_a_flow_prior():
+    train, test, _, _ = gaussian_data(seed=0, n=60)
+    scheduler = DiNofScheduler(sde_type="ve", sigma_max=10.0, flow_start=0.6)
+    torch.manual_seed(0)
+    flow = FlowPriorModel(sample_size=2, in_channels=1, num_levels=1, flow_depth=1, hidden_channels=4).eval()
+    result = flow_gain(train, test, scheduler, flow_prior=flow, num_draws=2, show_progress=False)
+    x = diffuse_images(test, scheduler, num_draws=2, seed=1)  # the held-out points use seed + 1
+    with torch.no_grad():
+        expected = -flow.log_prob(x.reshape(-1, 1, 2, 2).float()).double().mean()
+    assert result.nll["test"]["flow"].nats == pytest.approx(expected.item(), rel=1e-5)
+    assert math.isfinite(result.flow_share) and math.isfinite(result.flow_share_se)

@@ -199,10 +199,11 @@ def prior_log_prob(
     Returns:
         `torch.Tensor` of shape `(P,)`, float64, nats.
     """
-    parameter = next(iter(prior.state_dict().values()))
+    reference = next(value for value in prior.state_dict().values() if value.is_floating_point())
+    device, dtype = getattr(prior, "device", reference.device), getattr(prior, "dtype", reference.dtype)
     out = []
     for start in tqdm(range(0, points.shape[0], batch_size), desc=desc, disable=not show_progress):
-        batch = points[start : start + batch_size].to(device=parameter.device, dtype=parameter.dtype)
+        batch = points[start : start + batch_size].to(device=device, dtype=dtype)
         out.append(prior.log_prob(batch).double().cpu())
     return torch.cat(out)
 
