@@ -200,7 +200,7 @@ def test_pipeline_samples_from_the_gaussian_prior(tmp_path, caplog):
     assert "Expected types for flow_prior" not in caplog.text  # the widened type hint
 
 
-def test_pipeline_refuses_a_prior_of_another_time_or_sde():
+def test_pipeline_refuses_a_prior_of_another_time_or_sde(tmp_path):
     unet = StandardNormalScoreModel(sample_size=8)
     scheduler, prior = gaussian_pipeline(flow_start=0.6, prior_flow_start=0.4)
     with pytest.raises(ValueError, match=r"`flow_start`=0.4, but the scheduler's `flow_start` is 0.6"):
@@ -210,6 +210,9 @@ def test_pipeline_refuses_a_prior_of_another_time_or_sde():
         pipe.flow_prior = prior
     assert pipe.flow_prior is None
     pipe.flow_prior = GaussianPriorModel.fit(correlated_images(shape=(1, 8, 8)), scheduler, show_progress=False)
+    # assigned to a pipeline built without a prior, it is still saved (diffusers alone would record None)
+    pipe.save_pretrained(tmp_path)
+    assert isinstance(DiNofPipeline.from_pretrained(tmp_path).flow_prior, GaussianPriorModel)
     with pytest.raises(ValueError, match="`flow_start`"):  # a scheduler of another t* is refused too
         pipe.scheduler = DiNofScheduler.from_config(scheduler.config, flow_start=0.4)
     # changed behind the pipeline's back: refused at call time, unless the prior is not used

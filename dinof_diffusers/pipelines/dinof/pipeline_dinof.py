@@ -10,6 +10,7 @@ import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import UNet2DModel
+from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -117,7 +118,12 @@ class DiNofPipeline(DiffusionPipeline):
             flow_prior = value if name == "flow_prior" else self.__dict__.get("flow_prior")
             scheduler = value if name == "scheduler" else self.__dict__.get("scheduler")
             check_prior_matches_scheduler(flow_prior, scheduler)
+        optional_was_none = name in self._optional_components and self.__dict__.get(name, 0) is None
         super().__setattr__(name, value)
+        if optional_was_none and value is not None:
+            # diffusers keeps (None, None) in the config when a component that was None is assigned, so that
+            # save_pretrained would silently drop it: record the new component's (library, class) instead
+            self.register_to_config(**{name: _fetch_class_library_tuple(value)})
 
     @property
     def num_timesteps(self) -> int:
