@@ -11,6 +11,8 @@ import numpy as np
 from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
+from .validation import check_positive_int
+
 DIGITS_NUM_IMAGES = 1797
 
 
@@ -31,8 +33,7 @@ def digits_images(resolution: Optional[int] = None) -> np.ndarray:
     Returns:
         `np.ndarray` of shape (1797, resolution, resolution), dtype uint8, ink bright on a dark background.
     """
-    if resolution is not None and resolution < 1:
-        raise ValueError(f"`resolution` must be a positive integer or None, got {resolution}.")
+    check_positive_int(resolution, "resolution", allow_none=True)
     # 16 grey levels (0..16) mapped onto the full 8-bit range.
     images = np.round(_sklearn_digits().images * (255.0 / 16.0)).astype(np.uint8)
     if resolution is None or resolution == images.shape[-1]:

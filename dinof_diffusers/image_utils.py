@@ -9,6 +9,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from .file_utils import atomic_write_path
+from .validation import check_positive_int
 
 
 def image_grid(
@@ -32,8 +33,7 @@ def image_grid(
         images = torch.from_numpy(images).permute(0, 3, 1, 2)
     if images.ndim != 4:
         raise ValueError(f"`images` must be a batch of shape (B, C, H, W), got shape {tuple(images.shape)}.")
-    if scale < 1:
-        raise ValueError(f"`scale` must be an integer >= 1, got {scale}.")
+    check_positive_int(scale, "scale")
     batch_size, channels = images.shape[:2]
     nrow = nrow or int(np.ceil(np.sqrt(batch_size)))
     images = images.detach().float().cpu().clamp(0, 1)

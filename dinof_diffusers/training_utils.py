@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Union
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .validation import check_choice
+
 LOSS_REDUCTIONS = ("mean", "sum")
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
@@ -57,8 +59,7 @@ def score_matching_loss(
     Returns:
         `torch.Tensor` of shape `(B,)`, float32: the per-sample losses.
     """
-    if reduce not in LOSS_REDUCTIONS:
-        raise ValueError(f"`reduce` must be one of {LOSS_REDUCTIONS}, got {reduce!r}.")
+    check_choice(reduce, "reduce", LOSS_REDUCTIONS)
     batch_size = clean_images.shape[0]
     timesteps = scheduler.sample_training_timesteps(batch_size, device=clean_images.device, generator=generator)
     noise = randn_tensor(clean_images.shape, generator=generator, device=clean_images.device, dtype=torch.float32)

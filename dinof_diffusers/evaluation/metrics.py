@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..file_utils import write_json_atomically
 from ..image_utils import save_image_atomically
+from ..validation import check_int, check_positive_int
 from .digits_classifier import (
     DIGITS_FEATURE_EXTRACTOR_NAME,
     default_cache_dir,
@@ -140,12 +141,9 @@ def generate_samples(
         ValueError: on bad arguments, or when `output_dir` holds a dump made with other arguments (or PNGs without
             a manifest) and `overwrite` is False.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+    check_positive_int(num_samples, "num_samples")
+    check_positive_int(batch_size, "batch_size")
+    check_int(seed, "seed", minimum=0)
     for reserved in ("batch_size", "generator", "output_type", "return_dict"):
         if reserved in sampler_kwargs:
             raise ValueError(f"`{reserved}` is set by `generate_samples` and cannot be a sampler keyword.")

@@ -19,6 +19,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..validation import check_choice, check_int, check_number, check_positive_int
+
 SDE_TYPES = ("ve", "vp", "subvp")
 PREDICTION_TYPES = ("score", "epsilon")
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
@@ -215,11 +217,6 @@ class _SubVPSDE(_VPSDE):
         raise ValueError("`predictor='ancestral'` is not defined for sde_type='subvp'.")
 
 
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
-
-
 def _rand_uniform(batch_size, generator, device):
     """U(0, 1) of shape (batch_size,) float64 on `device`; a list of generators gives one draw per sample."""
     if isinstance(generator, list):
@@ -290,19 +287,15 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         flow_start: float = 0.6,
         langevin_norm: str = "batch",
     ):
-        _check_choice("sde_type", sde_type, SDE_TYPES)
-        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _check_choice("predictor", predictor, PREDICTORS)
-        _check_choice("corrector", corrector, CORRECTORS)
-        _check_choice("langevin_norm", langevin_norm, LANGEVIN_NORMS)
-        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
-            raise ValueError(f"`num_train_timesteps` must be an integer >= 2, got {num_train_timesteps!r}.")
-        if not snr > 0:
-            raise ValueError(f"`snr` must be > 0, got {snr!r}.")
-        if not isinstance(correct_steps, int) or correct_steps < 0:
-            raise ValueError(f"`correct_steps` must be an integer >= 0, got {correct_steps!r}.")
-        if not 0.0 < flow_start <= 1.0:
-            raise ValueError(f"`flow_start` must lie in (0, 1], got {flow_start!r}.")
+        check_choice(sde_type, "sde_type", SDE_TYPES)
+        check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
+        check_choice(predictor, "predictor", PREDICTORS)
+        check_choice(corrector, "corrector", CORRECTORS)
+        check_choice(langevin_norm, "langevin_norm", LANGEVIN_NORMS)
+        check_int(num_train_timesteps, "num_train_timesteps", minimum=2)
+        check_number(snr, "snr", minimum=0.0, exclusive_minimum=True)
+        check_int(correct_steps, "correct_steps", minimum=0)
+        check_number(flow_start, "flow_start", minimum=0.0, maximum=1.0, exclusive_minimum=True)
         if sde_type == "ve" and not 0.0 < sigma_min < sigma_max:
             raise ValueError(
                 f"`sigma_min` and `sigma_max` must satisfy 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}."
@@ -447,12 +440,7 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         default_steps = self.num_flow_steps if use_flow_prior else self.config.num_train_timesteps
         if num_inference_steps is None:
             num_inference_steps = default_steps
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        check_positive_int(num_inference_steps, "num_inference_steps")
         if num_inference_steps > 1 and not start > self.sampling_eps:
             raise ValueError(f"The start time {start} must exceed `sampling_eps` = {self.sampling_eps}.")
 

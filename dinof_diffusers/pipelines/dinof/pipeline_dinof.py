@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ...models.flow_prior import FlowPriorModel
 from ...models.gaussian_prior import GaussianPriorModel
 from ...schedulers.scheduling_dinof import DiNofScheduler
+from ...validation import check_choice, check_number, check_positive_int
 
 logger = logging.get_logger(__name__)
 
@@ -176,22 +177,14 @@ class DiNofPipeline(DiffusionPipeline):
         image_shape,
         callback_on_step_end_tensor_inputs,
     ):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
-        if num_inference_steps is not None and (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be None or an integer >= 1, got {num_inference_steps!r}.")
+        check_positive_int(batch_size, "batch_size")
+        check_positive_int(num_inference_steps, "num_inference_steps", allow_none=True)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators, but `batch_size` is {batch_size}."
             )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
-        if not (isinstance(flow_temperature, (int, float)) and flow_temperature > 0):
-            raise ValueError(f"`flow_temperature` must be a number > 0, got {flow_temperature!r}.")
+        check_choice(output_type, "output_type", OUTPUT_TYPES)
+        check_number(flow_temperature, "flow_temperature", minimum=0.0, exclusive_minimum=True)
         for name, tensor in (("latents", latents), ("prior_sample", prior_sample)):
             if tensor is not None and tuple(tensor.shape) != tuple(image_shape):
                 raise ValueError(f"`{name}` must have shape {tuple(image_shape)}, got {tuple(tensor.shape)}.")

@@ -1,0 +1,69 @@
+"""Argument checks shared by the package and its scripts: one wording for every "must be" error.
+
+Each check returns the value when it is valid and raises `ValueError` naming the argument and what is allowed
+otherwise. A name starting with "-" is a command-line flag and is shown as is (`--resolution`); any other name is a
+Python argument and is shown in backticks (`batch_size`).
+"""
+
+import math
+from typing import Any, Collection, Optional
+
+
+def _display(name: str) -> str:
+    return name if name.startswith("-") else f"`{name}`"
+
+
+def check_int(value: Any, name: str, minimum: int = 1, allow_none: bool = False) -> Optional[int]:
+    """An integer (not a bool) >= `minimum`, or `None` when `allow_none`."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = f"{'None or ' if allow_none else ''}an integer >= {minimum}"
+        raise ValueError(f"{_display(name)} must be {expected}, got {value!r}.")
+    return value
+
+
+def check_positive_int(value: Any, name: str, allow_none: bool = False) -> Optional[int]:
+    """An integer >= 1, or `None` when `allow_none`."""
+    return check_int(value, name, minimum=1, allow_none=allow_none)
+
+
+def check_choice(value: Any, name: str, choices: Collection) -> Any:
+    """One of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{_display(name)} must be one of {list(choices)}, got {value!r}.")
+    return value
+
+
+def check_number(
+    value: Any,
+    name: str,
+    minimum: Optional[float] = None,
+    maximum: Optional[float] = None,
+    exclusive_minimum: bool = False,
+    exclusive_maximum: bool = False,
+    allow_none: bool = False,
+) -> Optional[float]:
+    """A finite real number (not a bool) within the given bounds, or `None` when `allow_none`.
+
+    Example: `check_number(flow_start, "flow_start", 0.0, 1.0, exclusive_minimum=True)` accepts (0, 1].
+    """
+    if value is None and allow_none:
+        return None
+    valid = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if valid and minimum is not None:
+        valid = value > minimum if exclusive_minimum else value >= minimum
+    if valid and maximum is not None:
+        valid = value < maximum if exclusive_maximum else value <= maximum
+    if not valid:
+        if minimum is not None and maximum is not None:
+            bounds = f" in {'(' if exclusive_minimum else '['}{minimum}, {maximum}{')' if exclusive_maximum else ']'}"
+        elif minimum is not None:
+            bounds = f" {'>' if exclusive_minimum else '>='} {minimum}"
+        elif maximum is not None:
+            bounds = f" {'<' if exclusive_maximum else '<='} {maximum}"
+        else:
+            bounds = ""
+        expected = f"{'None or ' if allow_none else ''}a finite number{bounds}"
+        raise ValueError(f"{_display(name)} must be {expected}, got {value!r}.")
+    return value
