@@ -32,7 +32,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "dinof-convert-flow=dinof_diffusers.conversion:main",
+            "dinof-convert-flow=dinof_diffusers.conversion.flow:main",
         ],
     },
 )

@@ -56,6 +56,7 @@ from diffusers import UNet2DModel  # noqa: E402
 
 from dinof_diffusers.file_utils import write_json_atomically  # noqa: E402
 from dinof_diffusers.models.flow_prior import FlowPriorModel  # noqa: E402
+from dinof_diffusers.models.glow_layout import GlowLayout  # noqa: E402
 from dinof_diffusers.pipelines.dinof import DiNofPipeline  # noqa: E402
 from dinof_diffusers.schedulers import DiNofScheduler  # noqa: E402
 from dinof_diffusers.training_presets import get_preset  # noqa: E402
@@ -291,26 +292,21 @@ def sampler_ratios(config: dict, device: torch.device, results: Dict[str, dict])
 def published_glow(channels: int, size: int, num_levels: int, flow_depth: int, hidden: int):
     """normflows' `MultiscaleFlow` in the published DiNof layout (SPEC.md, "Glow flow prior").
 
-    Level i (0 = coarsest) has K `GlowBlock`s on C * 2^(L+1-i) channels (affine coupling, channel split, LU 1x1
-    convolution, ActNorm) followed by a `Squeeze`; a `Merge` joins level i > 0 to the levels before it; each level has
-    a `GlowBase` (per-channel diagonal Gaussian) for its latent: (C * 2^(L+1), H / 2^L, W / 2^L) for level 0,
-    (C * 2^(L-i), H / 2^(L-i), W / 2^(L-i)) for level i > 0.
+    Level i (0 = coarsest) has K `GlowBlock`s on `GlowLayout.level_channels(i)` channels (affine coupling, channel
+    split, LU 1x1 convolution, ActNorm) followed by a `Squeeze`; a `Merge` joins level i > 0 to the levels before it;
+    each level has a `GlowBase` (per-channel diagonal Gaussian) for its latent, of `GlowLayout.latent_shapes`.
     """
     import normflows as nf
 
+    layout = GlowLayout(channels, num_levels)
     base_distributions, flows, merges = [], [], []
-    for i in range(num_levels):
-        level_channels = channels * 2 ** (num_levels + 1 - i)
+    for i, latent_shape in enumerate(layout.latent_shapes(size, size)):
         blocks = [
-            nf.flows.GlowBlock(level_channels, hidden, split_mode="channel", scale=True) for _ in range(flow_depth)
+            nf.flows.GlowBlock(layout.level_channels(i), hidden, split_mode="channel", scale=True)
+            for _ in range(flow_depth)
         ]
         flows.append(blocks + [nf.flows.Squeeze()])
-        if i == 0:
-            side = size // 2**num_levels
-            latent_shape = (channels * 2 ** (num_levels + 1), side, side)
-        else:
-            side = size // 2 ** (num_levels - i)
-            latent_shape = (channels * 2 ** (num_levels - i), side, side)
+        if i > 0:
             merges.append(nf.flows.Merge())
         base_distributions.append(nf.distributions.GlowBase(latent_shape))
     return nf.MultiscaleFlow(base_distributions, flows, merges, class_cond=False)

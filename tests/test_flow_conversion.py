@@ -9,8 +9,9 @@ import normflows as nf  # a test extra: the published code vendors it
 import pytest
 import torch
 
-from dinof_diffusers.conversion import apply_ema, convert_checkpoint, main
+from dinof_diffusers.conversion.flow import apply_ema, convert_checkpoint, main
 from dinof_diffusers.models import FlowPriorModel
+from dinof_diffusers.models.glow_layout import GlowLayout
 
 # normflows' Invertible1x1Conv calls the deprecated torch.lu.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.lu is deprecated")
@@ -20,20 +21,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def published_glow(channels=3, size=8, num_levels=2, flow_depth=2, hidden=16, scale=True):
     """The flow exactly as the published DiNof code builds it (`init_models` in its run_lib.py)."""
+    layout = GlowLayout(channels, num_levels)
     q0, merges, flows = [], [], []
-    for i in range(num_levels):
+    for i, latent_shape in enumerate(layout.latent_shapes(size, size)):
         level = [
-            nf.flows.GlowBlock(channels * 2 ** (num_levels + 1 - i), hidden, split_mode="channel", scale=scale)
+            nf.flows.GlowBlock(layout.level_channels(i), hidden, split_mode="channel", scale=scale)
             for _ in range(flow_depth)
         ]
         flows.append(level + [nf.flows.Squeeze()])
         if i > 0:
             merges.append(nf.flows.Merge())
-            s = 2 ** (num_levels - i)
-            latent_shape = (channels * 2 ** (num_levels - i), size // s, size // s)
-        else:
-            s = 2**num_levels
-            latent_shape = (channels * 2 ** (num_levels + 1), size // s, size // s)
         q0.append(nf.distributions.GlowBase(latent_shape))
     return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
 

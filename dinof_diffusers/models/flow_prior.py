@@ -2,8 +2,9 @@
 
 `FlowPriorModel` maps the partially diffused data x(t*) deterministically and invertibly onto Gaussian latents, and
 gives the exact log-density log p(x) = sum of the base log-densities of the latents + log|det J|. It implements the
-layout of the published DiNof checkpoints (normflows' `MultiscaleFlow` of `GlowBlock`s, see the project's SPEC.md,
-"Glow flow prior"), so that they load with `FlowPriorModel.from_original_state_dict` and give the same log p.
+layout of the published DiNof checkpoints (normflows' `MultiscaleFlow` of `GlowBlock`s, see docs/DESIGN.md, "The Glow
+flow prior"; the shapes and the published keys are `glow_layout`'s), so that they load with
+`FlowPriorModel.from_original_state_dict` and give the same log p.
 
 Conventions. The "density direction" is x -> z (`encode`, `log_prob`), the "sampling direction" is z -> x (`decode`,
 `sample`). Levels are numbered i = 0 (coarsest) ... L-1 (finest); step k of a level is step k of the published
@@ -19,6 +20,7 @@ network and a few element-wise operations.
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -30,13 +32,27 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from ..validation import check_choice, check_number, check_positive_int
+from .glow_layout import (
+    COUPLING_TYPES,
+    FLOW_MARKER_KEY,
+    GlowLayout,
+    check_original_state_dict,
+    coupling_out_channels,
+    coupling_split,
+    original_to_diffusers_state_dict,
+    short_key_list,
+    strip_module_prefix,
+)
+
 logger = logging.get_logger(__name__)
 
-COUPLING_TYPES = ("affine", "additive")
 # Glow's base distributions parameterise mean = loc * exp(3 * loc_logs), log sigma = log_scale * exp(3 * ...).
 LOGSCALE_FACTOR = 3.0
 # ActNorm initialisation: s = log(unbiased std + ACTNORM_EPS).
 ACTNORM_EPS = 1e-6
+# Glow's affine coupling: scale = sigmoid(h + COUPLING_SCALE_OFFSET), so that it starts near sigmoid(2) ~ 0.88.
+COUPLING_SCALE_OFFSET = 2.0
 
 
 @dataclass
@@ -67,12 +83,6 @@ def unsqueeze2d(x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
     x = x.view(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
     return x.reshape(b, c // 4, 2 * h, 2 * w)
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return value
 
 
 def _channel_statistics(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -125,9 +135,8 @@ class GlowLevel(nn.Module):
         self.channels = c
         self.flow_depth = k
         self.coupling = coupling
-        self.split_channels = (c + 1) // 2
-        c_in, c_rest = self.split_channels, c // 2
-        c_out = 2 * c_rest if coupling == "affine" else c_rest
+        self.split_channels = coupling_split(c)[0]
+        c_in, c_out = self.split_channels, coupling_out_channels(c, coupling)
 
         self.actnorm_log_scale = nn.Parameter(torch.zeros(k, c))
         self.actnorm_shift = nn.Parameter(torch.zeros(k, c))
@@ -241,6 +250,26 @@ class GlowLevel(nn.Module):
         h = F.relu(F.conv2d(h, w2[k], b2[k]), inplace=True)
         return F.conv2d(h, w3[k], b3[k], padding=1)
 
+    def _coupling(
+        self, x: torch.Tensor, params, k: int, reverse: bool = False
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The coupling of step k: y2 = (x2 - shift) * sigmoid(h + 2) (affine) or x2 - shift (additive), h = NN(x1).
+
+        Returns:
+            The output (B, C, H, W) (the inverse with `reverse=True`) and, for the affine coupling, the pre-sigmoid
+            scale h + 2 (log|det| = sum of its logsigmoid); `None` for the additive one.
+        """
+        c1 = self.split_channels
+        x1, x2 = x[:, :c1], x[:, c1:]
+        h = self._coupling_net(x1, params, k)
+        pre_scale = None
+        if self.coupling == "affine":
+            shift, pre_scale = h[:, 0::2], h[:, 1::2] + COUPLING_SCALE_OFFSET
+            x2 = x2 / torch.sigmoid(pre_scale) + shift if reverse else (x2 - shift) * torch.sigmoid(pre_scale)
+        else:
+            x2 = x2 + h if reverse else x2 - h
+        return torch.cat([x1, x2], dim=1), pre_scale
+
     def density(self, x: torch.Tensor, logdet: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Steps K-1 ... 0 in the density direction.
 
@@ -255,19 +284,11 @@ class GlowLevel(nn.Module):
         weight, bias = weight.unbind(0), bias.unbind(0)
         params = self._coupling_params()
         logdet = logdet + logdet_per_pixel * (x.shape[2] * x.shape[3])
-        c1 = self.split_channels
         for k in reversed(range(self.flow_depth)):
-            x = F.conv2d(x, weight[k], bias[k])
-            x1, x2 = x[:, :c1], x[:, c1:]
-            h = self._coupling_net(x1, params, k)
-            if self.coupling == "affine":
-                pre_scale = h[:, 1::2] + 2.0
-                x2 = (x2 - h[:, 0::2]) * torch.sigmoid(pre_scale)
+            x, pre_scale = self._coupling(F.conv2d(x, weight[k], bias[k]), params, k)
+            if pre_scale is not None:
                 # in logdet's dtype: under autocast the activations may be half precision
                 logdet = logdet + F.logsigmoid(pre_scale.to(logdet.dtype)).sum(dim=(1, 2, 3))
-            else:
-                x2 = x2 - h
-            x = torch.cat([x1, x2], dim=1)
         return x, logdet
 
     def inverse(self, x: torch.Tensor, weights: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -282,15 +303,8 @@ class GlowLevel(nn.Module):
         """
         weight, bias = weights[0].unbind(0), weights[1].unbind(0)
         params = self._coupling_params()
-        c1 = self.split_channels
         for k in range(self.flow_depth):
-            x1, x2 = x[:, :c1], x[:, c1:]
-            h = self._coupling_net(x1, params, k)
-            if self.coupling == "affine":
-                x2 = x2 / torch.sigmoid(h[:, 1::2] + 2.0) + h[:, 0::2]
-            else:
-                x2 = x2 + h
-            x = F.conv2d(torch.cat([x1, x2], dim=1), weight[k], bias[k])
+            x = F.conv2d(self._coupling(x, params, k, reverse=True)[0], weight[k], bias[k])
         return x
 
     @torch.no_grad()
@@ -304,7 +318,6 @@ class GlowLevel(nn.Module):
             The level's output for x (B, C, H, W).
         """
         flags = self.actnorm_initialized.tolist()
-        c1 = self.split_channels
         params = self._coupling_params()
         weights = self.conv_weight()
         for k in reversed(range(self.flow_depth)):
@@ -316,14 +329,7 @@ class GlowLevel(nn.Module):
             x = (x - self.actnorm_shift[k][None, :, None, None]) * torch.exp(-self.actnorm_log_scale[k])[
                 None, :, None, None
             ]
-            x = F.conv2d(x, weights[k][..., None, None])
-            x1, x2 = x[:, :c1], x[:, c1:]
-            h = self._coupling_net(x1, params, k)
-            if self.coupling == "affine":
-                x2 = (x2 - h[:, 0::2]) * torch.sigmoid(h[:, 1::2] + 2.0)
-            else:
-                x2 = x2 - h
-            x = torch.cat([x1, x2], dim=1)
+            x = self._coupling(F.conv2d(x, weights[k][..., None, None]), params, k)[0]
         return x
 
 
@@ -366,12 +372,11 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
         coupling: str = "affine",
     ):
         super().__init__()
-        _positive_int(in_channels, "in_channels")
-        _positive_int(num_levels, "num_levels")
-        _positive_int(flow_depth, "flow_depth")
-        _positive_int(hidden_channels, "hidden_channels")
-        if coupling not in COUPLING_TYPES:
-            raise ValueError(f"`coupling` must be one of {COUPLING_TYPES}, got {coupling!r}.")
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(num_levels, "num_levels")
+        check_positive_int(flow_depth, "flow_depth")
+        check_positive_int(hidden_channels, "hidden_channels")
+        check_choice(coupling, "coupling", COUPLING_TYPES)
         height, width = self._size_pair(sample_size)
         factor = 2**num_levels
         if height % factor or width % factor:
@@ -379,11 +384,11 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
                 f"`sample_size` must be divisible by 2 ** num_levels = {factor} (`num_levels`={num_levels}), "
                 f"got {sample_size!r}."
             )
-        self.levels = nn.ModuleList()
-        for i in range(num_levels):
-            channels = in_channels * 2 ** (num_levels + 1 - i)
-            latent_channels = channels if i == 0 else channels // 2
-            self.levels.append(GlowLevel(channels, latent_channels, flow_depth, hidden_channels, coupling))
+        layout = GlowLayout(in_channels, num_levels)
+        self.levels = nn.ModuleList(
+            GlowLevel(layout.level_channels(i), layout.latent_channels(i), flow_depth, hidden_channels, coupling)
+            for i in range(num_levels)
+        )
         # Python-side caches; see `_maybe_initialize_actnorm` and `_cached_sampling_weights`.
         self._actnorm_ready = False
         self._sampling_cache = None
@@ -397,18 +402,12 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
         if isinstance(sample_size, (tuple, list)):
             if len(sample_size) != 2:
                 raise ValueError(f"`sample_size` must be an int or a (height, width) pair, got {sample_size!r}.")
-            return _positive_int(sample_size[0], "sample_size"), _positive_int(sample_size[1], "sample_size")
-        size = _positive_int(sample_size, "sample_size")
+            return check_positive_int(sample_size[0], "sample_size"), check_positive_int(sample_size[1], "sample_size")
+        size = check_positive_int(sample_size, "sample_size")
         return size, size
 
     def _latent_shapes_for(self, height: int, width: int) -> List[Tuple[int, int, int]]:
-        c, num_levels = self.config.in_channels, self.config.num_levels
-        shapes = []
-        for i in range(num_levels):
-            scale = 2 ** (num_levels - i)
-            channels = c * 2 ** (num_levels + 1 - i)
-            shapes.append((channels if i == 0 else channels // 2, height // scale, width // scale))
-        return shapes
+        return GlowLayout(self.config.in_channels, self.config.num_levels).latent_shapes(height, width)
 
     @property
     def latent_shapes(self) -> List[Tuple[int, int, int]]:
@@ -434,14 +433,7 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
 
     @staticmethod
     def _check_temperature(temperature) -> float:
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}.")
-        return float(temperature)
+        return float(check_number(temperature, "temperature", minimum=0.0, exclusive_minimum=True))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Caches.
@@ -599,8 +591,7 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
         Returns:
             `torch.Tensor` of shape `(batch_size,)`.
         """
-        if num_bits is not None and (isinstance(num_bits, bool) or not isinstance(num_bits, int) or num_bits < 1):
-            raise ValueError(f"`num_bits` must be None or a positive integer, got {num_bits!r}.")
+        check_positive_int(num_bits, "num_bits", allow_none=True)
         if num_bits is not None:
             if not isinstance(data_range, (tuple, list)) or len(data_range) != 2:
                 raise ValueError(f"`data_range` must be a (low, high) pair, got {data_range!r}.")
@@ -693,8 +684,7 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
         Returns:
             `torch.Tensor` of shape `(batch_size, in_channels, H, W)` on the model's device, in its dtype.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+        check_positive_int(batch_size, "batch_size")
         self._check_temperature(temperature)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"`generator` is a list of {len(generator)} generators, but `batch_size`={batch_size}.")
@@ -740,6 +730,24 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
             ValueError: missing or unexpected keys, shapes that do not fit the config, or an unsupported variant
                 (class-conditional base distributions), each named.
         """
-        from ..conversion import convert_original_state_dict
-
-        return convert_original_state_dict(cls, state_dict, torch_dtype=torch_dtype, **config)
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"`state_dict` must be a mapping of key -> tensor, got {type(state_dict).__name__}.")
+        state_dict = strip_module_prefix(state_dict)
+        full_config = check_original_state_dict(state_dict, **config)
+        state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}  # the model is built on the CPU
+        if torch_dtype is None:
+            torch_dtype = state_dict[FLOW_MARKER_KEY].dtype
+        if not torch_dtype.is_floating_point:
+            raise ValueError(f"`torch_dtype` must be a floating point dtype, got {torch_dtype}.")
+        new_state, not_initialized = original_to_diffusers_state_dict(state_dict, full_config)
+        if not_initialized:
+            logger.warning(
+                f"ActNorm of {short_key_list(not_initialized)} is not initialised in the state dict; it will be "
+                "initialised on the first density-direction batch."
+            )
+        model = cls(**full_config)
+        # nn.Module.to: ModelMixin.to warns about `_keep_in_fp32_modules` on every dtype cast, even when there are none.
+        model = nn.Module.to(model, dtype=torch_dtype)
+        new_state = {k: (v if v.dtype == torch.bool else v.to(torch_dtype)) for k, v in new_state.items()}
+        model.load_state_dict(new_state, strict=True)
+        return model.eval()
