@@ -148,8 +148,10 @@ class _VESDE(_SDE):
         return torch.sqrt(sigma_j**2 * (sigma_i**2 - sigma_j**2) / sigma_i**2)
 
 
-class _VPSDE(_SDE):
-    """Variance preserving SDE; its chain is DDPM's with beta_i = linspace(beta_min / N, beta_max / N, N)."""
+class _LinearBetaSDE(_SDE):
+    """What VP and sub-VP share: beta(t) = beta_min + t (beta_max - beta_min) / T, the drift -beta(t) x / 2 and its
+    mean coefficient, and DDPM's discrete beta_i = linspace(beta_min / N, beta_max / N, N), whose alpha_i = 1 - beta_i
+    the Langevin corrector uses."""
 
     def __init__(self, num_train_timesteps: int, beta_min: float, beta_max: float, T: float = 1.0):
         super().__init__(num_train_timesteps, T)
@@ -158,7 +160,6 @@ class _VPSDE(_SDE):
         N = num_train_timesteps
         self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N, dtype=torch.float64)
         self.alphas = 1.0 - self.discrete_betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
 
     def _beta(self, t):
         return self.beta_min + t / self.T * (self.beta_max - self.beta_min)
@@ -167,15 +168,26 @@ class _VPSDE(_SDE):
         t = t / self.T
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
+    def drift_coeff(self, t):
+        return -0.5 * self._beta(t)
+
+    def langevin_alpha(self, i):
+        return self.alphas[i]
+
+
+class _VPSDE(_LinearBetaSDE):
+    """Variance preserving SDE; its chain is DDPM's."""
+
+    def __init__(self, num_train_timesteps: int, beta_min: float, beta_max: float, T: float = 1.0):
+        super().__init__(num_train_timesteps, beta_min, beta_max, T)
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+
     def _chain_alphas_cumprod(self, i):  # alphabar_{-1} = 1
         return torch.where(i >= 0, self.alphas_cumprod[i.clamp(min=0)], torch.ones((), dtype=torch.float64))
 
     def marginal_mean_std(self, t):
         log_mean = self._log_mean_coeff(t)
         return torch.exp(log_mean), torch.sqrt(1.0 - torch.exp(2.0 * log_mean))
-
-    def drift_coeff(self, t):
-        return -0.5 * self._beta(t)
 
     def diffusion(self, t):
         return torch.sqrt(self._beta(t))
@@ -192,12 +204,9 @@ class _VPSDE(_SDE):
     def ancestral_std(self, i, j):
         return torch.sqrt(self.step_transition(None, i, j)[1])
 
-    def langevin_alpha(self, i):
-        return self.alphas[i]
 
-
-class _SubVPSDE(_VPSDE):
-    """Sub-VP SDE: VP's drift, a smaller diffusion; no discrete chain of its own (Euler steps, VP's alphas for Langevin)."""
+class _SubVPSDE(_LinearBetaSDE):
+    """Sub-VP SDE: VP's drift, a smaller diffusion; no discrete chain of its own (the Euler steps of `_SDE`)."""
 
     def marginal_mean_std(self, t):
         log_mean = self._log_mean_coeff(t)
@@ -210,8 +219,6 @@ class _SubVPSDE(_VPSDE):
 
     def chain_mean_std(self, i):
         raise ValueError("`continuous=False` is not defined for sde_type='subvp'.")
-
-    step_transition = _SDE.step_transition
 
     def ancestral_std(self, i, j):
         raise ValueError("`predictor='ancestral'` is not defined for sde_type='subvp'.")
@@ -405,6 +412,11 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         return t64, index, position
 
     @staticmethod
+    def _upcast(x: torch.Tensor) -> torch.Tensor:
+        """x itself, or x in float32 if it is half precision: the SDE arithmetic is never done in float16 / bfloat16."""
+        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+    @staticmethod
     def _to(values: torch.Tensor, like: torch.Tensor, ndim: int = 1) -> torch.Tensor:
         """float64 CPU (B,) -> `like`'s device, float32 (float64 if `like` is), shaped (B, 1, ..., 1) with `ndim` dims."""
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
@@ -501,7 +513,7 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         t64, index, _ = self._resolve(timesteps, name="timesteps")
         mean, std = self._mean_std64(t64, index)
         x = original_samples
-        compute = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        compute = self._upcast(x)
         noisy = self._to(mean, compute, x.ndim) * compute + self._to(std, compute, x.ndim) * noise.to(compute.dtype)
         return noisy.to(x.dtype)
 
@@ -548,7 +560,7 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
             `torch.Tensor` of shape `(B, C, H, W)` in the dtype of `sample`: the score.
         """
         t64, index, _ = self._resolve(t, name="t")
-        like = sample.float() if sample.dtype in (torch.float16, torch.bfloat16) else sample
+        like = self._upcast(sample)
         return self._score(model_output, t64, index, like).to(sample.dtype)
 
     def drift_diffusion(self, x: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -562,7 +574,7 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
             `(f, g)`: the drift f(x, t) of shape `(B, C, H, W)` in x's dtype, and the diffusion g(t) of shape `(B,)`.
         """
         t64, _, _ = self._resolve(t, name="t")
-        like = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        like = self._upcast(x)
         drift = self._to(self._sde.drift_coeff(t64), like, x.ndim) * like
         return drift.to(x.dtype), self._to(self._sde.diffusion(t64), like)
 
@@ -627,7 +639,9 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
     # predictor-corrector steps
     # ------------------------------------------------------------------------------------------------------------------
 
-    def _prepare_step(self, model_output, timestep, sample):
+    def _prepare_step(self, method, model_output, timestep, sample):
+        """The float32/64 state, resolved times, grid positions and score of a `method` ("corrector" or
+        "predictor") step; `None` when that method is "none" (the step leaves the sample unchanged)."""
         if self.timesteps is None:
             raise ValueError("`timesteps` are not set: call `set_timesteps` before stepping.")
         t64, index, position = self._resolve(timestep, low=self.sampling_eps, name="timestep")
@@ -635,10 +649,14 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         if t64.numel() not in (1, batch):
             raise ValueError(f"`timestep` must be a scalar or have shape ({batch},), got {tuple(t64.shape)}.")
         t64, index, position = (v.expand(batch) for v in (t64, index, position))
-        x = sample.float() if sample.dtype in (torch.float16, torch.bfloat16) else sample
+        x = self._upcast(sample)
         if model_output is not None and model_output.shape != sample.shape:
             raise ValueError(f"`model_output` has shape {tuple(model_output.shape)}, `sample` {tuple(sample.shape)}.")
-        return x, t64, index, position
+        if self.config[method] == "none":
+            return None
+        if model_output is None:
+            raise ValueError(f"`model_output` is required by the {method}.")
+        return x, t64, index, position, self._score(model_output, t64, index, x)
 
     def _noise(self, x, generator):
         # drawn in float32 whatever the compute dtype, so that float32 and float64 runs share one random stream
@@ -675,17 +693,14 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         Returns:
             `DiNofSchedulerOutput` or `(prev_sample, prev_sample_mean)`, shaped and typed as `sample`.
         """
-        x, t64, index, _ = self._prepare_step(model_output, timestep, sample)
-        corrector = self.config.corrector
-        if corrector == "none":
+        prepared = self._prepare_step("corrector", model_output, timestep, sample)
+        if prepared is None:
             return self._output(sample, sample, sample.dtype, return_dict)
-        if model_output is None:
-            raise ValueError("`model_output` is required by the corrector.")
-        score = self._score(model_output, t64, index, x)
+        x, t64, index, _, score = prepared
         noise = self._noise(x, generator)
         alpha = self._to(self._sde.langevin_alpha(index), x, x.ndim)
         snr = self.config.snr
-        if corrector == "langevin":
+        if self.config.corrector == "langevin":
             grad_norm = score.flatten(1).norm(dim=-1)
             noise_norm = noise.flatten(1).norm(dim=-1)
             if self.config.langevin_norm == "batch":
@@ -717,24 +732,23 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             model_output (`torch.Tensor` of shape `(B, C, H, W)`): the network output at (sample, model_timestep(t)).
-            timestep (`float` or `torch.Tensor` of shape `()` or `(B,)`): a point of `timesteps`.
-            sample (`torch.Tensor` of shape `(B, C, H, W)`): the current x(t).
+            timestep (`float` or `torch.Tensor` of shape `()` or `(B,)`): t_k, a point of `timesteps`.
+            sample (`torch.Tensor` of shape `(B, C, H, W)`): x(t_k).
             generator (`torch.Generator` or list of B of them, *optional*): the source of the noise.
             return_dict (`bool`, defaults to `True`): return a `DiNofSchedulerOutput` rather than a tuple.
 
         Returns:
-            `DiNofSchedulerOutput` or `(prev_sample, prev_sample_mean)`, shaped and typed as `sample`.
+            `DiNofSchedulerOutput` or `(prev_sample, prev_sample_mean)`: x(t_{k+1}) and its mean, shaped and typed as
+            `sample`.
         """
-        x, t64, index, position = self._prepare_step(model_output, timestep, sample)
-        predictor = self.config.predictor
-        if predictor == "none":
+        prepared = self._prepare_step("predictor", model_output, timestep, sample)
+        if prepared is None:
             return self._output(sample, sample, sample.dtype, return_dict)
-        if model_output is None:
-            raise ValueError("`model_output` is required by the predictor.")
+        x, t64, index, position, score = prepared
         if (position < 0).any():
             raise ValueError("`timestep` must be one of `scheduler.timesteps` (the predictor steps to the next one).")
         next_index = self._grid_next_indices[position]
-        score = self._score(model_output, t64, index, x)
+        predictor = self.config.predictor
         if predictor == "reverse_diffusion":
             a, var = self._sde.step_transition(t64, index, next_index)
             a, var = self._to(a, x, x.ndim), self._to(var, x, x.ndim)
@@ -753,16 +767,8 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         prev_sample = prev_sample_mean + noise_std * self._noise(x, generator)
         return self._output(prev_sample, prev_sample_mean, sample.dtype, return_dict)
 
-    def step(
-        self,
-        model_output: Optional[torch.Tensor],
-        timestep: Union[float, torch.Tensor],
-        sample: torch.Tensor,
-        generator: Union[torch.Generator, List[torch.Generator], None] = None,
-        return_dict: bool = True,
-    ) -> Union[DiNofSchedulerOutput, Tuple]:
-        """The predictor step (`step_pred`), so that generic denoising loops work."""
-        return self.step_pred(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+    # `step` is the predictor step, so that generic denoising loops work.
+    step = step_pred
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
