@@ -52,7 +52,6 @@ that moment (checked at the start and before every dump). On a 2-core machine th
 import argparse
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -75,6 +74,7 @@ from dinof_diffusers.file_utils import atomic_write_path, write_json_atomically,
 from dinof_diffusers.image_utils import image_grid, save_image_atomically  # noqa: E402
 from dinof_diffusers.pipelines.dinof import DiNofPipeline  # noqa: E402
 from dinof_diffusers.schedulers import DiNofScheduler  # noqa: E402
+from dinof_diffusers.schedulers.scheduling_dinof import num_flow_steps  # noqa: E402
 from dinof_diffusers.training_presets import get_preset  # noqa: E402
 
 TRAIN_SCRIPT = REPO_ROOT / "training_scripts" / "train.py"
@@ -355,7 +355,7 @@ def configure_steps(pipeline: DiNofPipeline, base_config: Dict, sampler: str, n:
     if base_config["continuous"]:
         pipeline.scheduler = DiNofScheduler.from_config(base_config, num_train_timesteps=n)
         return {}
-    steps = n if sampler == "baseline" else int(math.floor(n * base_config["flow_start"] + 1e-9))
+    steps = n if sampler == "baseline" else num_flow_steps(n, base_config["flow_start"])
     pipeline.scheduler = DiNofScheduler.from_config(base_config)
     return {"num_inference_steps": steps}
 
@@ -366,7 +366,7 @@ def row_plan(steps: List[int], control_steps: List[int]) -> List[tuple]:
 
 
 def nfe_per_sample(sampler: str, n: int, flow_start: float, correct_steps: int) -> int:
-    steps = n if sampler == "baseline" else int(math.floor(n * flow_start + 1e-9))
+    steps = n if sampler == "baseline" else num_flow_steps(n, flow_start)
     return steps * (1 + correct_steps)
 
 

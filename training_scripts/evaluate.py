@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from dinof_diffusers.config_utils import public_config
 from dinof_diffusers.evaluation import (
     DIGITS_FEATURE_EXTRACTOR_NAME,
     SUPPORTED_METRICS,
@@ -38,12 +39,12 @@ from dinof_diffusers.evaluation import (
     generate_samples,
 )
 from dinof_diffusers.evaluation.digits_classifier import default_cache_dir, default_classifier_path
-from dinof_diffusers.evaluation.metrics import INCEPTION_FEATURE_EXTRACTOR_NAME, write_json_atomically
-
-try:  # the scheduler's own lists of valid choices, so that a bad value is caught before anything is loaded
-    from dinof_diffusers.schedulers.scheduling_dinof import CORRECTORS, LANGEVIN_NORMS, PREDICTORS
-except ImportError:  # pragma: no cover - the scheduler module is part of the package
-    CORRECTORS, LANGEVIN_NORMS, PREDICTORS = None, None, None
+from dinof_diffusers.evaluation.metrics import INCEPTION_FEATURE_EXTRACTOR_NAME
+from dinof_diffusers.file_utils import write_json_atomically
+from dinof_diffusers.hub_utils import is_local_path
+from dinof_diffusers.pipelines.dinof import DiNofPipeline
+from dinof_diffusers.schedulers.scheduling_dinof import CORRECTORS, LANGEVIN_NORMS, PREDICTORS  # checked up front
+from dinof_diffusers.validation import check_int, check_number, check_positive_int
 
 FEATURE_EXTRACTORS = ("auto", INCEPTION_FEATURE_EXTRACTOR_NAME, DIGITS_FEATURE_EXTRACTOR_NAME)
 SAMPLERS = ("dinof", "baseline")
@@ -119,24 +120,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Checks every flag before anything is loaded or generated; `parser.error` names the offending flag."""
-    for flag in ("num_samples", "batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}.")
-    for flag in ("num_inference_steps", "reference_max_samples", "reference_resolution", "kid_subset_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag} must be >= 1, got {value}.")
-    if args.correct_steps is not None and args.correct_steps < 0:
-        parser.error(f"--correct_steps must be >= 0, got {args.correct_steps}.")
-    if args.snr is not None and not args.snr > 0:
-        parser.error(f"--snr must be > 0, got {args.snr}.")
-    if args.flow_temperature is not None:
-        if not args.flow_temperature > 0:
-            parser.error(f"--flow_temperature must be > 0, got {args.flow_temperature}.")
-        if args.sampler == "baseline":
-            parser.error("--flow_temperature has no effect with --sampler baseline (no flow prior).")
+    try:
+        check_positive_int(args.num_samples, "--num_samples")
+        check_positive_int(args.batch_size, "--batch_size")
+        for flag in ("num_inference_steps", "reference_max_samples", "reference_resolution", "kid_subset_size"):
+            check_positive_int(getattr(args, flag), f"--{flag}", allow_none=True)
+        check_int(args.seed, "--seed", minimum=0)
+        check_int(args.correct_steps, "--correct_steps", minimum=0, allow_none=True)
+        for flag in ("snr", "flow_temperature"):
+            check_number(getattr(args, flag), f"--{flag}", minimum=0.0, exclusive_minimum=True, allow_none=True)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.flow_temperature is not None and args.sampler == "baseline":
+        parser.error("--flow_temperature has no effect with --sampler baseline (no flow prior).")
 
     names = [name.strip().lower() for name in args.metrics.split(",") if name.strip()]
     if names == ["none"]:
@@ -151,9 +147,9 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     binary = [name for name in args.metrics if name != "isc"]
     if binary and args.reference is None:
         parser.error(f"--reference is required for the metrics {binary}.")
-    if args.reference is not None and _looks_like_path(args.reference) and not os.path.exists(args.reference):
+    if args.reference is not None and is_local_path(args.reference) and not os.path.exists(args.reference):
         parser.error(f"--reference {args.reference!r} looks like a path but does not exist.")
-    if _looks_like_path(args.pipeline) and not os.path.isdir(args.pipeline):
+    if is_local_path(args.pipeline) and not os.path.isdir(args.pipeline):
         parser.error(f"--pipeline {args.pipeline!r} looks like a path but is not a folder.")
     if args.feature_extractor == "auto":
         args.feature_extractor = default_feature_extractor(args.reference)
@@ -163,19 +159,6 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"--feature_extractor_weights_path {args.feature_extractor_weights_path!r} is not a file.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} requested but CUDA is not available.")
-
-
-def _looks_like_path(value: str) -> bool:
-    """A local path rather than a Hub id / registered name: absolute, relative with ./ or ../, or existing."""
-    return os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1 or os.path.exists(value)
-
-
-def load_pipeline(name_or_path: str):
-    try:
-        from dinof_diffusers import DiNofPipeline
-    except ImportError:
-        from dinof_diffusers.pipelines.dinof.pipeline_dinof import DiNofPipeline
-    return DiNofPipeline.from_pretrained(name_or_path)
 
 
 def sampler_call_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -190,9 +173,7 @@ def sampler_call_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _component_config(component) -> Optional[Dict[str, Any]]:
     config = getattr(component, "config", None)
-    if config is None:
-        return None
-    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+    return None if config is None else public_config(config)
 
 
 def evaluate(args: argparse.Namespace, pipeline) -> Dict[str, Any]:
@@ -314,7 +295,7 @@ def format_table(report: Dict[str, Any]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    pipeline = load_pipeline(args.pipeline)
+    pipeline = DiNofPipeline.from_pretrained(args.pipeline)
     report = evaluate(args, pipeline)
     print(format_table(report))
     print(f"Wrote {os.path.join(args.output_dir, 'metrics.json')}")

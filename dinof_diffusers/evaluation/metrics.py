@@ -9,8 +9,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,7 +19,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from ..file_utils import write_json_atomically
+from ..config_utils import public_config
+from ..file_utils import atomic_folder_path, remove_temporary_files, write_json_atomically
 from ..image_utils import save_image_atomically
 from ..validation import check_int, check_positive_int
 from .digits_classifier import (
@@ -70,11 +69,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _scheduler_config(pipeline) -> Optional[Dict[str, Any]]:
-    scheduler = getattr(pipeline, "scheduler", None)
-    config = getattr(scheduler, "config", None)
-    if config is None:
-        return None
-    return _jsonable({key: value for key, value in dict(config).items() if not key.startswith("_")})
+    config = getattr(getattr(pipeline, "scheduler", None), "config", None)
+    return None if config is None else _jsonable(public_config(config))
 
 
 def _to_uint8_images(images: Any) -> List[np.ndarray]:
@@ -128,7 +124,8 @@ def generate_samples(
         batch_size: images per pipeline call.
         seed: the dump's seed.
         overwrite: delete an existing dump in `output_dir` made with other arguments instead of raising.
-        show_progress: show a progress bar over the images (the pipeline's own bar is silenced meanwhile).
+        show_progress: show a progress bar over the images (the pipeline's own bar is silenced meanwhile, and set
+            back to its default afterwards, through `set_progress_bar_config`).
         **sampler_kwargs: passed to every pipeline call (`num_inference_steps`, `use_flow_prior`,
             `flow_temperature`, ...).
 
@@ -162,10 +159,7 @@ def generate_samples(
     )
     manifest_path = output_dir / MANIFEST_NAME
     manifest = _load_or_reset_manifest(output_dir, manifest_path, identity, overwrite)
-    # Temporary files of a killed run (the atomic writes' halves).
-    for stale in output_dir.glob(".tmp-*"):
-        if stale.is_file():
-            stale.unlink()
+    remove_temporary_files(output_dir)  # the halves of a killed run's atomic writes
 
     num_batches = -(-num_samples // batch_size)
     batches = manifest["batches"]
@@ -177,9 +171,9 @@ def generate_samples(
     ]
     num_done = num_samples - sum(len(names[i * batch_size : (i + 1) * batch_size]) for i in todo)
 
-    previous_progress_config = getattr(pipeline, "_progress_bar_config", None)
-    if hasattr(pipeline, "set_progress_bar_config"):
-        pipeline.set_progress_bar_config(disable=True)
+    silence = getattr(pipeline, "set_progress_bar_config", None)
+    if silence is not None:
+        silence(disable=True)
     num_generated = 0
     try:
         with tqdm(
@@ -208,11 +202,8 @@ def generate_samples(
                 num_generated += len(batch_names)
                 bar.update(len(batch_names))
     finally:
-        if hasattr(pipeline, "set_progress_bar_config"):
-            if previous_progress_config is None:
-                pipeline._progress_bar_config = {}
-            else:
-                pipeline._progress_bar_config = previous_progress_config
+        if silence is not None:
+            silence()  # the default bar again
 
     records = [batches[str(index)] for index in range(num_batches)]
     total_images = sum(record["num_images"] for record in records)
@@ -316,20 +307,9 @@ def _write_image_folder_atomically(folder: Path, images: Iterable[Image.Image], 
     process got there first)."""
     if folder.exists():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
-    try:
+    with atomic_folder_path(folder, if_exists="keep") as temporary:
         for index, image in enumerate(tqdm(images, desc=f"Writing {folder.name}", disable=not show_progress)):
-            image.save(temporary / f"{index:06d}.png")
-        os.chmod(temporary, 0o755)
-        try:
-            os.rename(temporary, folder)
-        except OSError:
-            if not folder.exists():
-                raise
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary)
+            image.save(os.path.join(temporary, f"{index:06d}.png"))
     return folder
 
 

@@ -235,6 +235,12 @@ def _rand_uniform(batch_size, generator, device):
     return torch.rand(batch_size, generator=generator, device=rand_device, dtype=torch.float64).to(device)
 
 
+def num_flow_steps(num_train_timesteps: int, flow_start: float) -> int:
+    """int(N * flow_start): the reverse steps from t* of a scheduler with these settings (`DiNofScheduler.num_flow_steps`)."""
+    # The tolerance guards products like 0.58 * 100 = 57.99999999999999 that are integers in exact arithmetic.
+    return int(math.floor(num_train_timesteps * flow_start + 1e-9))
+
+
 class DiNofScheduler(SchedulerMixin, ConfigMixin):
     """Predictor-corrector sampler of the score SDEs (VE, VP, sub-VP) run from t* = flow_start * T down to eps.
 
@@ -362,8 +368,7 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
     @property
     def num_flow_steps(self) -> int:
         """int(N * flow_start), the number of reverse steps of the published DiNof sampler (600 for N = 1000)."""
-        # The tolerance guards products like 0.58 * 100 = 57.99999999999999 that are integers in exact arithmetic.
-        return int(math.floor(self.config.num_train_timesteps * self.config.flow_start + 1e-9))
+        return num_flow_steps(self.config.num_train_timesteps, self.config.flow_start)
 
     # ------------------------------------------------------------------------------------------------------------------
     # time handling

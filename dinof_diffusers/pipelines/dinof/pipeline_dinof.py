@@ -15,6 +15,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from ...hub_utils import is_local_path
 from ...models.flow_prior import FlowPriorModel
 from ...models.gaussian_prior import GaussianPriorModel
 from ...schedulers.scheduling_dinof import DiNofScheduler
@@ -143,7 +144,7 @@ class DiNofPipeline(DiffusionPipeline):
         diffusers refuses component classes from outside diffusers / transformers when it downloads a repository
         itself (diffusers issue #5553), so a Hub id is first downloaded with `huggingface_hub.snapshot_download`
         (which honours `HF_HUB_OFFLINE`, `cache_dir`, `revision`, `token`, `local_files_only` and `force_download`) and
-        the local snapshot is loaded. The component classes are resolved from `dinof_diffusers`, which this module
+        the local snapshot is loaded. A name is a folder or a Hub id by the rule of `dinof_diffusers.hub_utils`. The component classes are resolved from `dinof_diffusers`, which this module
         imports.
 
         Args:
@@ -155,7 +156,7 @@ class DiNofPipeline(DiffusionPipeline):
         """
         path = str(pretrained_model_name_or_path)
         if not os.path.isdir(path):
-            if os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
+            if is_local_path(path):
                 raise FileNotFoundError(f"{path!r} is neither a folder nor a Hub repository id ('org/name').")
             from huggingface_hub import snapshot_download
 
