@@ -15,8 +15,8 @@ Ratios (one line each, `ratio <name> = <value>`):
   same UNet, batch and N (1000 in the full mode). The ideal is NFE ratio (0.6) + one flow pass / baseline wall,
   printed beside it.
 - `flow_log_prob_vs_normflows`, `flow_sample_vs_normflows`: `FlowPriorModel.log_prob` / `sample` time over the same
-  call of normflows 1.7.3's `MultiscaleFlow` of `GlowBlock`s in the published DiNof layout (SPEC.md, "Glow flow
-  prior"), with identical weights: the FlowPriorModel is built from the normflows state dict with
+  call of normflows 1.7.3's `MultiscaleFlow` of `GlowBlock`s in the published DiNof layout (docs/DESIGN.md, "The
+  Glow flow prior"), with identical weights: the FlowPriorModel is built from the normflows state dict with
   `FlowPriorModel.from_original_state_dict`, and the script checks that both give the same log p (float64 to 1e-8
   relative) and the same samples from the same latents before timing anything. < 1 means FlowPriorModel is faster.
   normflows' `sample` also returns the log-density of its samples (its API has no sampling call without it); the
@@ -59,7 +59,7 @@ from dinof_diffusers.models.flow_prior import FlowPriorModel  # noqa: E402
 from dinof_diffusers.models.glow_layout import GlowLayout  # noqa: E402
 from dinof_diffusers.pipelines.dinof import DiNofPipeline  # noqa: E402
 from dinof_diffusers.schedulers import DiNofScheduler  # noqa: E402
-from dinof_diffusers.training_presets import get_preset  # noqa: E402
+from dinof_diffusers.training.presets import get_preset  # noqa: E402
 
 FULL = {
     "unet_preset": "tiny",
@@ -290,7 +290,7 @@ def sampler_ratios(config: dict, device: torch.device, results: Dict[str, dict])
 
 
 def published_glow(channels: int, size: int, num_levels: int, flow_depth: int, hidden: int):
-    """normflows' `MultiscaleFlow` in the published DiNof layout (SPEC.md, "Glow flow prior").
+    """normflows' `MultiscaleFlow` in the published DiNof layout (docs/DESIGN.md, "The Glow flow prior").
 
     Level i (0 = coarsest) has K `GlowBlock`s on `GlowLayout.level_channels(i)` channels (affine coupling, channel
     split, LU 1x1 convolution, ActNorm) followed by a `Squeeze`; a `Merge` joins level i > 0 to the levels before it;

@@ -75,7 +75,8 @@ from dinof_diffusers.image_utils import image_grid, save_image_atomically  # noq
 from dinof_diffusers.pipelines.dinof import DiNofPipeline  # noqa: E402
 from dinof_diffusers.schedulers import DiNofScheduler  # noqa: E402
 from dinof_diffusers.schedulers.scheduling_dinof import num_flow_steps  # noqa: E402
-from dinof_diffusers.training_presets import get_preset  # noqa: E402
+from dinof_diffusers.training.presets import get_preset  # noqa: E402
+from dinof_diffusers.validation import check_positive_int  # noqa: E402
 
 TRAIN_SCRIPT = REPO_ROOT / "training_scripts" / "train.py"
 MODELS = ("ve", "vp")
@@ -651,9 +652,11 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("max_train_steps", "train_batch_size", "num_samples", "batch_size"):
-        if getattr(args, key) < 1:
-            parser.error(f"--{key} must be >= 1, got {getattr(args, key)}.")
+    try:
+        for key in ("max_train_steps", "train_batch_size", "num_samples", "batch_size"):
+            check_positive_int(getattr(args, key), f"--{key}")
+    except ValueError as error:
+        parser.error(str(error))
     if args.num_samples < 2:
         parser.error("--num_samples must be >= 2 (FID and KID need two samples).")
     if any(n < 2 for n in args.steps):

@@ -1,10 +1,11 @@
-"""Training: the losses against SPEC.md, the presets, argument checks, and train.py end to end under accelerate.
+"""Training: the losses against docs/DESIGN.md, the presets, the run configuration, and train.py end to end.
 
 The end-to-end runs use a tiny UNet (JSON config), an 8x8 imagefolder written here and a few optimisation steps;
 each run is an `accelerate launch` subprocess on the CPU (two gloo processes for the data-parallel test).
 """
 
-import importlib.util
+import argparse
+import dataclasses
 import json
 import math
 import os
@@ -23,33 +24,28 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
+from dinof_diffusers.config_utils import public_config
 from dinof_diffusers.models.flow_prior import FlowPriorModel
 from dinof_diffusers.pipelines.dinof import DiNofPipeline
 from dinof_diffusers.schedulers import DiNofScheduler
-from dinof_diffusers.training_presets import PRESETS, get_preset, nearest_published_preset
-from dinof_diffusers.training_utils import (
-    flow_nll_loss,
-    list_checkpoints,
-    nats_to_bits_per_dim,
-    prune_checkpoints,
-    save_pipeline_atomically,
-    score_matching_loss,
-)
+from dinof_diffusers.training import RunConfig, TrainingError, build_models, resolve_run_config
+from dinof_diffusers.training.checkpoints import list_checkpoints, prune_checkpoints, save_pipeline_atomically
+from dinof_diffusers.training.losses import flow_nll_loss, nats_to_bits_per_dim, score_matching_loss
+from dinof_diffusers.training.presets import PRESETS, get_preset, nearest_published_preset
+from dinof_diffusers.training.run_config import run_config_parser
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(REPO_ROOT, "training_scripts", "train.py")
 N = 1000
 
 
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("dinof_train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def resolve(**flags):
+    """`resolve_run_config` of these flags (the others at their defaults), as train.py calls it."""
+    return resolve_run_config(argparse.Namespace(**flags))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Losses on fixed inputs, against SPEC.md
+# Losses on fixed inputs, against docs/DESIGN.md ("Training")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -66,7 +62,7 @@ class RecordingModel(torch.nn.Module):
 
 
 def spec_conditioning(sde_type, continuous, t):
-    """(mean, std, expected model timestep) for float64 times t, from SPEC (continuous or the discrete chain)."""
+    """(mean, std, expected model timestep) for float64 times t, from docs/DESIGN.md (continuous or the discrete chain)."""
     if continuous:
         mean, std = spec_mean_std(sde_type, t)
         timestep = std if sde_type == "ve" else 999.0 * t
@@ -248,49 +244,72 @@ def test_save_pipeline_atomically_replaces_the_pipeline_and_keeps_the_rest(tmp_p
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Arguments: bad ones fail at once, naming the flag
+# The run configuration: bad flags fail at once, naming the flag (both flags when two contradict each other)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def train_module():
-    return load_train_module()
-
-
 @pytest.mark.parametrize(
-    "argv,flag",
+    "flags,named",
     [
-        (["--unet_config", "ncsn-unknown"], "--unet_config"),
-        (["--unet_config", "missing.json"], "--unet_config"),
-        (["--resolution", "10"], "--resolution"),
-        (["--resolution", "16", "--flow_num_levels", "5"], "--flow_num_levels"),
-        (["--train_component", "flow"], "--pretrained_model_name_or_path"),
-        (["--train_data_dir", "/nonexistent/images"], "--train_data_dir"),
-        (["--dataset_name", "cifar10", "--train_data_dir", "."], "--train_data_dir"),
-        (["--flow_start", "1.5"], "--flow_start"),
-        (["--sde", "vp"], "--sde"),
-        (["--unet_config", "tiny", "--pretrained_model_name_or_path", "org/model"], "--pretrained_model_name_or_path"),
-        (["--pretrained_model_name_or_path", "{empty_dir}"], "--pretrained_model_name_or_path"),
-        (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "--resume_from_checkpoint"),
-        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit"),
-        (["--report_to", "nowhere"], "--report_to"),
-        (["--train_component", "both"], "--train_component"),
-        (["--ema_decay", "1.5"], "--ema_decay"),
+        ({"unet_config": "ncsn-unknown"}, ["--unet_config"]),
+        ({"unet_config": "missing.json"}, ["--unet_config"]),
+        ({"resolution": 10}, ["--resolution", "--flow_num_levels"]),
+        ({"resolution": 16, "flow_num_levels": 5}, ["--resolution", "--flow_num_levels"]),
+        ({"resolution": 6, "flow_num_levels": 1}, ["--resolution", "--unet_config tiny"]),
+        ({"train_component": "flow"}, ["--train_component", "--pretrained_model_name_or_path"]),
+        ({"train_data_dir": "/nonexistent/images"}, ["--train_data_dir"]),
+        ({"dataset_name": "cifar10", "train_data_dir": "."}, ["--dataset_name", "--train_data_dir"]),
+        ({"dataset_config_name": "plain_text"}, ["--dataset_config_name", "--dataset_name"]),
+        ({"flow_start": 1.5}, ["--flow_start"]),
+        ({"sde": "vp"}, ["--sde", "--unet_config"]),
+        ({"unet_config": "tiny", "pretrained_model_name_or_path": "org/model"}, ["--unet_config", "--pretrained"]),
+        ({"pretrained_model_name_or_path": "{empty_dir}"}, ["--pretrained_model_name_or_path"]),
+        ({"revision": "main"}, ["--revision", "--pretrained_model_name_or_path"]),
+        ({"resume_from_checkpoint": "/nonexistent/checkpoint-5"}, ["--resume_from_checkpoint"]),
+        ({"checkpoints_total_limit": 0}, ["--checkpoints_total_limit"]),
+        ({"report_to": "nowhere"}, ["--report_to"]),
+        ({"train_component": "both"}, ["--train_component"]),
+        ({"ema_decay": 1.5}, ["--ema_decay"]),
+        ({"ema_decay": 0.99, "use_ema": False}, ["--ema_decay", "--no-use_ema"]),
+        ({"hub_model_id": "org/model"}, ["--hub_model_id", "--push_to_hub"]),
+        ({"sample_num_inference_steps": 700}, ["--sample_num_inference_steps", "--flow_start"]),
+        ({"no_such_flag": 1}, ["no_such_flag"]),
     ],
 )
-def test_bad_arguments_fail_at_start_naming_the_flag(train_module, tmp_path, capsys, argv, flag):
-    argv = [arg.replace("{empty_dir}", str(tmp_path)) for arg in argv]
-    with pytest.raises(SystemExit) as exit_info:
-        train_module.parse_args(argv)
-    assert exit_info.value.code == 2
-    assert flag in capsys.readouterr().err
+def test_bad_flags_fail_before_anything_is_loaded_naming_the_flags(tmp_path, flags, named):
+    flags = {key: str(tmp_path) if value == "{empty_dir}" else value for key, value in flags.items()}
+    with pytest.raises(TrainingError) as error:
+        resolve(**flags)
+    for name in named:
+        assert name in str(error.value)
 
 
-def test_default_arguments_are_the_tiny_preset_on_the_digits(train_module):
-    args = train_module.parse_args([])
-    assert args.unet_config == "tiny" and args.dataset_name is None and args.train_data_dir is None
-    assert args.train_component == "joint" and args.continuous is None
-    assert train_module.parse_args(["--no-continuous"]).continuous is False
+def test_default_flags_are_the_tiny_preset_on_the_digits():
+    run = resolve()
+    assert run.unet_config == "tiny" and run.is_digits and run.train_component == "joint"
+    assert (run.resolution, run.num_channels, run.train_batch_size, run.ema_decay) == (16, 1, 64, 0.999)
+    assert run.unet_kwargs["in_channels"] == 1 and run.unet_kwargs["sample_size"] == 16
+    assert run.continuous is True and run.scheduler_config["sigma_max"] == 10.0 and run.flow_prior == "new"
+    assert run.flow_kwargs == {
+        "sample_size": 16,
+        "in_channels": 1,
+        "num_levels": 2,
+        "flow_depth": 4,
+        "hidden_channels": 32,
+    }
+    assert resolve(continuous=False).scheduler_config["continuous"] is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.seed = 1
+
+
+def test_the_parser_of_train_py_has_every_flag_with_the_run_configs_default():
+    parser = run_config_parser("train.py")
+    assert vars(parser.parse_args([])) == RunConfig.flag_defaults()
+    args = parser.parse_args(["--no-use_ema", "--no-continuous", "--debug_nonfinite_steps", "2", "3", "--center_crop"])
+    run = resolve_run_config(args)
+    assert (run.use_ema, run.continuous, run.debug_nonfinite_steps, run.center_crop) == (False, False, (2, 3), True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--report_to", "nowhere"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -539,24 +558,25 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(w
         )
 
 
-def test_pretrained_models_of_every_kind_are_recognised(train_module, score_run, workspace, tmp_path):
+def test_pretrained_models_of_every_kind_are_recognised(score_run, workspace, tmp_path, trained_tiny_pipeline_dir):
     """DiNof pipeline, plain UNet2DModel folder, foreign diffusers pipeline (DDPM): models and scheduler settings."""
-    data = ["--train_data_dir", workspace["images"]]
+    data = {"train_data_dir": workspace["images"]}
 
     # a plain UNet2DModel folder (config.json): the settings of the published preset nearest to it
-    args = train_module.parse_args(data + ["--pretrained_model_name_or_path", str(score_run / "unet")])
-    unet, flow_prior, scheduler = train_module.build_models(args, is_digits=False)
+    run = resolve(**data, pretrained_model_name_or_path=str(score_run / "unet"))
+    unet, flow_prior, scheduler = build_models(run)
+    assert run.pretrained_kind == "unet" and run.flow_prior == "new"
     assert flow_prior is not None and flow_prior.config.num_levels == 3  # the preset's Glow, for joint training
     assert scheduler.config.sde_type == "ve" and scheduler.config.prediction_type == "score"
-    assert args.resolution == 8 and args.num_channels == 3 and args.ema_decay == 0.999
+    assert run.resolution == 8 and run.num_channels == 3 and run.ema_decay == 0.999
+    assert_same_weights(unet.state_dict(), load_weights(score_run / "unet"), atol=0)
 
     # a DDPM pipeline: the discrete VP chain with its betas
     folder = tmp_path / "ddpm"
     DDPMPipeline(unet=small_epsilon_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
-    args = train_module.parse_args(
-        data + ["--pretrained_model_name_or_path", str(folder), "--train_component", "flow", "--flow_num_levels", "2"]
-    )
-    unet, flow_prior, scheduler = train_module.build_models(args, is_digits=False)
+    run = resolve(**data, pretrained_model_name_or_path=str(folder), train_component="flow", flow_num_levels=2)
+    unet, flow_prior, scheduler = build_models(run)
+    assert run.pretrained_kind == "pipeline"
     assert (scheduler.config.sde_type, scheduler.config.continuous, scheduler.config.prediction_type) == (
         "vp",
         False,
@@ -565,10 +585,21 @@ def test_pretrained_models_of_every_kind_are_recognised(train_module, score_run,
     assert scheduler.config.beta_min == pytest.approx(0.1) and scheduler.config.beta_max == pytest.approx(20.0)
     assert flow_prior.config.in_channels == 1 and flow_prior.config.num_levels == 2
 
-    # flags that contradict the pretrained model are refused, naming the flag
-    args = train_module.parse_args(data + ["--pretrained_model_name_or_path", str(score_run), "--resolution", "16"])
-    with pytest.raises(train_module.TrainingError, match="--resolution"):
-        train_module.build_models(args, is_digits=False)
-    args = train_module.parse_args(data + ["--pretrained_model_name_or_path", str(folder), "--sde", "subvp"])
-    with pytest.raises(train_module.TrainingError, match="--sde.*continuous=False"):  # sub-VP has no discrete chain
-        train_module.build_models(args, is_digits=False)
+    # a DiNof pipeline with a flow prior: its networks and scheduler settings, the flow trained further as it is
+    run = resolve(pretrained_model_name_or_path=str(trained_tiny_pipeline_dir), snr=0.1)
+    unet, flow_prior, scheduler = build_models(run)
+    pretrained = DiNofPipeline.from_pretrained(trained_tiny_pipeline_dir)
+    assert run.pretrained_kind == "dinof" and run.flow_prior == "pretrained" and run.is_digits
+    assert_same_weights(flow_prior.state_dict(), pretrained.flow_prior.state_dict(), atol=0)
+    assert_same_weights(unet.state_dict(), pretrained.unet.state_dict(), atol=0)
+    assert public_config(scheduler.config) == {**public_config(pretrained.scheduler.config), "snr": 0.1}
+    with pytest.raises(
+        TrainingError, match="--flow_depth 3 differs .* flow_depth 4 .*--pretrained_model_name_or_path"
+    ):
+        resolve(pretrained_model_name_or_path=str(trained_tiny_pipeline_dir), flow_depth=3)
+
+    # flags that contradict the pretrained model are refused, naming both
+    with pytest.raises(TrainingError, match="--resolution 16 differs .*--pretrained_model_name_or_path"):
+        resolve(**data, pretrained_model_name_or_path=str(score_run), resolution=16)
+    with pytest.raises(TrainingError, match="--sde.*continuous=False"):  # sub-VP has no discrete chain
+        resolve(**data, pretrained_model_name_or_path=str(folder), sde="subvp")

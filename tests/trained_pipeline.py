@@ -11,7 +11,7 @@ from diffusers import UNet2DModel
 
 from dinof_diffusers import DiNofPipeline, DiNofScheduler, FlowPriorModel
 from dinof_diffusers.data import digits_images
-from dinof_diffusers.training_utils import flow_nll_loss, score_matching_loss
+from dinof_diffusers.training.losses import flow_nll_loss, score_matching_loss
 
 RESOLUTION = 8
 TRAIN_STEPS = 150

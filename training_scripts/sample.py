@@ -13,6 +13,7 @@ import torch
 from dinof_diffusers import DiNofPipeline
 from dinof_diffusers.file_utils import write_json_atomically
 from dinof_diffusers.image_utils import image_grid, save_image_atomically
+from dinof_diffusers.validation import check_number, check_positive_int
 
 
 def parse_args(argv=None):
@@ -29,13 +30,12 @@ def parse_args(argv=None):
     parser.add_argument("--grid_scale", type=int, default=4, help="Nearest-neighbour upscaling of the saved grids.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    for flag in ("num_images", "grid_scale"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    if args.num_inference_steps is not None and args.num_inference_steps < 1:
-        parser.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}.")
-    if args.flow_temperature <= 0:
-        parser.error(f"--flow_temperature must be > 0, got {args.flow_temperature}.")
+    try:
+        for flag in ("num_images", "grid_scale", "num_inference_steps"):
+            check_positive_int(getattr(args, flag), f"--{flag}", allow_none=flag == "num_inference_steps")
+        check_number(args.flow_temperature, "--flow_temperature", minimum=0.0, exclusive_minimum=True)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 

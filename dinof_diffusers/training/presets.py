@@ -110,6 +110,60 @@ _PUBLISHED_SAMPLER = {
     "corrector": "langevin",
     "flow_start": 0.6,
 }
+# Song et al.'s NCSN++ VE configurations: name -> (config file, resolution, sigma_max, snr, train batch size).
+_NCSNPP_VE_SETTINGS = {
+    "ncsnpp-cifar10-ve": ("configs/ve/cifar10_ncsnpp_continuous.py", 32, 50.0, 0.16, 128),
+    "ncsnpp-celebahq256-ve": ("configs/ve/celebahq_256_ncsnpp_continuous.py", 256, 348.0, 0.17, 8),
+}
+
+
+def _ve_score_scheduler(sigma_max: float, snr: float) -> Dict[str, Any]:
+    """The `DiNofScheduler` settings of a continuous-time VE score model (NCSN++'s), with the published sampler."""
+    return {
+        "sde_type": "ve",
+        "continuous": True,
+        "prediction_type": "score",
+        "sigma_min": 0.01,
+        "sigma_max": sigma_max,
+        "snr": snr,
+        **_PUBLISHED_SAMPLER,
+    }
+
+
+def _skip_unet(
+    block_out_channels: Tuple[int, ...], layers_per_block: int, attention_level: int, dropout: float
+) -> Dict[str, Any]:
+    """NCSN++ as an RGB `UNet2DModel` of skip blocks (the google/ncsnpp-* layout), with attention at one level of
+    the down path (and the matching level of the up path)."""
+    levels = len(block_out_channels)
+    return {
+        **_NCSNPP_COMMON,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": block_out_channels,
+        "layers_per_block": layers_per_block,
+        "down_block_types": tuple(f"{'Attn' * (i == attention_level)}SkipDownBlock2D" for i in range(levels)),
+        "up_block_types": tuple(f"{'Attn' * (i == levels - 1 - attention_level)}SkipUpBlock2D" for i in range(levels)),
+        "dropout": dropout,
+    }
+
+
+def _ncsnpp_ve_preset(name: str, description: str, differences: str, unet_config: Dict[str, Any]) -> TrainingPreset:
+    """NCSN++ with the VE SDE in continuous time (a score model), the published Glow, EMA 0.999, summed loss."""
+    config_file, resolution, sigma_max, snr, train_batch_size = _NCSNPP_VE_SETTINGS[name]
+    return TrainingPreset(
+        name=name,
+        description=description,
+        resolution=resolution,
+        unet_config=unet_config,
+        scheduler_config=_ve_score_scheduler(sigma_max, snr),
+        flow_config=dict(_PUBLISHED_FLOW),
+        ema_decay=0.999,
+        train_batch_size=train_batch_size,
+        loss_reduction="sum",
+        reference=f"score_sde {config_file}",
+        differences=differences,
+    )
 
 
 def _ddpmpp_cifar10_preset(sde_type: str, sde_name: str) -> TrainingPreset:
@@ -157,35 +211,10 @@ def _ddpmpp_cifar10_preset(sde_type: str, sde_name: str) -> TrainingPreset:
 
 
 _PRESETS: Tuple[TrainingPreset, ...] = (
-    TrainingPreset(
-        name="ncsnpp-cifar10-ve",
-        description="NCSN++ on CIFAR-10 32x32 with the VE SDE in continuous time (DiNof's main CIFAR-10 setting).",
-        resolution=32,
-        unet_config={
-            **_NCSNPP_COMMON,
-            "in_channels": 3,
-            "out_channels": 3,
-            "block_out_channels": (128, 256, 256, 256),
-            "layers_per_block": 4,
-            "down_block_types": ("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D"),
-            "up_block_types": ("SkipUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"),
-            "dropout": 0.1,
-        },
-        scheduler_config={
-            "sde_type": "ve",
-            "continuous": True,
-            "prediction_type": "score",
-            "sigma_min": 0.01,
-            "sigma_max": 50.0,
-            "snr": 0.16,
-            **_PUBLISHED_SAMPLER,
-        },
-        flow_config=dict(_PUBLISHED_FLOW),
-        ema_decay=0.999,
-        train_batch_size=128,
-        loss_reduction="sum",
-        reference="score_sde configs/ve/cifar10_ncsnpp_continuous.py",
-        differences=(
+    _ncsnpp_ve_preset(
+        "ncsnpp-cifar10-ve",
+        "NCSN++ on CIFAR-10 32x32 with the VE SDE in continuous time (DiNof's main CIFAR-10 setting).",
+        (
             "NCSN++ (Song et al., configs/ve/cifar10_ncsnpp_continuous.py): nf 128, ch_mult (1, 2, 2, 2), 4 residual "
             "blocks per resolution, attention at 16x16, BigGAN residual blocks with FIR resampling, progressive_input "
             "'residual', progressive 'none', dropout 0.1, Fourier features of log sigma (scale 16), output / sigma."
@@ -193,60 +222,21 @@ _PRESETS: Tuple[TrainingPreset, ...] = (
             + " The CIFAR-10 NCSN++ uses progressive_input 'residual' and no output skip; UNet2DModel offers only the "
             "input_skip / output_skip blocks of the CelebA-HQ configuration."
         ),
+        _skip_unet((128, 256, 256, 256), layers_per_block=4, attention_level=1, dropout=0.1),
     ),
     _ddpmpp_cifar10_preset("vp", "VP"),
     _ddpmpp_cifar10_preset("subvp", "sub-VP"),
-    TrainingPreset(
-        name="ncsnpp-celebahq256-ve",
-        description="NCSN++ on CelebA-HQ 256x256 with the VE SDE in continuous time (sigma_max 348).",
-        resolution=256,
-        unet_config={
-            **_NCSNPP_COMMON,
-            "in_channels": 3,
-            "out_channels": 3,
-            "block_out_channels": (128, 128, 256, 256, 256, 256, 256),
-            "layers_per_block": 2,
-            "down_block_types": (
-                "SkipDownBlock2D",
-                "SkipDownBlock2D",
-                "SkipDownBlock2D",
-                "SkipDownBlock2D",
-                "AttnSkipDownBlock2D",
-                "SkipDownBlock2D",
-                "SkipDownBlock2D",
-            ),
-            "up_block_types": (
-                "SkipUpBlock2D",
-                "SkipUpBlock2D",
-                "AttnSkipUpBlock2D",
-                "SkipUpBlock2D",
-                "SkipUpBlock2D",
-                "SkipUpBlock2D",
-                "SkipUpBlock2D",
-            ),
-            "dropout": 0.0,
-        },
-        scheduler_config={
-            "sde_type": "ve",
-            "continuous": True,
-            "prediction_type": "score",
-            "sigma_min": 0.01,
-            "sigma_max": 348.0,
-            "snr": 0.17,
-            **_PUBLISHED_SAMPLER,
-        },
-        flow_config=dict(_PUBLISHED_FLOW),
-        ema_decay=0.999,
-        train_batch_size=8,
-        loss_reduction="sum",
-        reference="score_sde configs/ve/celebahq_256_ncsnpp_continuous.py",
-        differences=(
+    _ncsnpp_ve_preset(
+        "ncsnpp-celebahq256-ve",
+        "NCSN++ on CelebA-HQ 256x256 with the VE SDE in continuous time (sigma_max 348).",
+        (
             "NCSN++ (Song et al., configs/ve/celebahq_256_ncsnpp_continuous.py): nf 128, ch_mult (1, 1, 2, 2, 2, 2, "
             "2), 2 residual blocks per resolution, attention at 16x16, progressive_input 'input_skip', progressive "
             "'output_skip', FIR, dropout 0, the layout of google/ncsnpp-celebahq-256." + _NCSNPP_DIFFERENCES + " "
             "Song et al. sample CelebA-HQ-256 with N = 2000 noise scales and snr 0.075; this preset follows DiNof's "
             "N = 1000 and snr 0.17."
         ),
+        _skip_unet((128, 128, 256, 256, 256, 256, 256), layers_per_block=2, attention_level=4, dropout=0.0),
     ),
     TrainingPreset(
         name="tiny",
@@ -263,20 +253,9 @@ _PRESETS: Tuple[TrainingPreset, ...] = (
             "norm_num_groups": 8,
             "dropout": 0.0,
         },
-        scheduler_config={
-            "sde_type": "ve",
-            "continuous": True,
-            "prediction_type": "score",
-            "sigma_min": 0.01,
-            # Song et al.'s rule of thumb: sigma_max ~ the largest distance between two training images; 8.5 for
-            # the 16x16 digits in [0, 1].
-            "sigma_max": 10.0,
-            "num_train_timesteps": 1000,
-            "predictor": "reverse_diffusion",
-            "corrector": "langevin",
-            "snr": 0.16,
-            "flow_start": 0.6,
-        },
+        # Song et al.'s rule of thumb: sigma_max ~ the largest distance between two training images; 8.5 for the
+        # 16x16 digits in [0, 1].
+        scheduler_config=_ve_score_scheduler(sigma_max=10.0, snr=0.16),
         flow_config={"num_levels": 2, "flow_depth": 4, "hidden_channels": 32},
         ema_decay=0.999,
         train_batch_size=64,

@@ -1,9 +1,13 @@
 """The model card (README.md) that the training script writes next to a trained DiNof pipeline."""
 
+import json
+import os
 from typing import Any, Dict, List, Optional
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
+
+from ..config_utils import public_config
 
 MODEL_CARD_TAGS = ["dinof", "normalizing-flow", "score-sde", "unconditional-image-generation", "diffusers"]
 
@@ -96,3 +100,67 @@ def create_model_card(
     ]
     body = "\n\n".join(section for section in sections if section)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n")
+
+
+def run_model_card(
+    run,
+    dataset_description: str,
+    pipeline,
+    steps: int,
+    nonfinite_steps: int,
+    total_batch_size: int,
+    mixed_precision: str,
+    samples_description: str,
+) -> ModelCard:
+    """The model card of the pipeline a training run saves.
+
+    Args:
+        run (`RunConfig`): the run's settings.
+        dataset_description (`str`): the training data as a reader should see it.
+        pipeline (`DiNofPipeline`): the trained pipeline (its scheduler and flow prior configurations are recorded).
+        steps (`int`), nonfinite_steps (`int`): optimisation steps taken, and skipped for a non-finite loss.
+        total_batch_size (`int`): images per optimisation step, all processes together.
+        mixed_precision (`str`): accelerate's precision setting.
+        samples_description (`str`): how the sample grid beside the card was drawn.
+    """
+    flow_prior = pipeline.flow_prior
+    training_config = {
+        "train_component": run.train_component,
+        "steps": steps,
+        "nonfinite_steps_skipped": nonfinite_steps,
+        "total_batch_size": total_batch_size,
+        "unet": run.unet_source,
+        "resolution": run.resolution,
+        "num_channels": run.num_channels,
+        "scheduler": public_config(pipeline.scheduler.config),
+        "flow_prior": public_config(flow_prior.config) if flow_prior is not None else None,
+        "optimizer": {
+            "name": "Adam",
+            "learning_rate": run.learning_rate,
+            "lr_scheduler": run.lr_scheduler,
+            "lr_warmup_steps": run.lr_warmup_steps,
+            "betas": [run.adam_beta1, run.adam_beta2],
+            "eps": run.adam_epsilon,
+            "weight_decay": run.adam_weight_decay,
+            "max_grad_norm": run.max_grad_norm,
+        },
+        "loss_reduction": run.loss_reduction,
+        "score_time_range": "[eps, T]" if run.score_time_range == "full" else "[eps, T] * flow_start",
+        "flow_loss_weight": run.flow_loss_weight,
+        "ema_decay": run.ema_decay if run.use_ema else None,
+        "mixed_precision": mixed_precision,
+        "seed": run.seed,
+    }
+    hub_dataset = run.dataset_name is not None and not os.path.isdir(run.dataset_name)
+    return create_model_card(
+        (run.hub_model_id or os.path.basename(os.path.normpath(run.output_dir)))
+        if run.push_to_hub
+        else run.output_dir,
+        dataset_description,
+        json.loads(json.dumps(training_config, default=str)),
+        run.train_component,
+        hub_datasets=[run.dataset_name] if hub_dataset else None,
+        samples_description=samples_description,
+        base_model=run.pretrained_model_name_or_path,
+        score_trained_to_T=run.score_time_range == "full",
+    )
