@@ -167,17 +167,18 @@ class DiNofPipeline(DiffusionPipeline):
 
     def check_inputs(
         self,
-        batch_size,
-        num_inference_steps,
-        generator,
-        latents,
-        prior_sample,
-        flow_temperature,
-        use_flow_prior,
-        output_type,
-        image_shape,
-        callback_on_step_end_tensor_inputs,
-    ):
+        batch_size: int,
+        num_inference_steps: Optional[int],
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]],
+        latents: Optional[torch.Tensor],
+        prior_sample: Optional[torch.Tensor],
+        flow_temperature: float,
+        use_flow_prior: bool,
+        output_type: str,
+        image_shape: Optional[Tuple[int, int, int, int]],
+        callback_on_step_end_tensor_inputs: List[str],
+    ) -> None:
+        """Raises `ValueError` naming the first bad argument of `__call__`, before any work is done."""
         check_positive_int(batch_size, "batch_size")
         check_positive_int(num_inference_steps, "num_inference_steps", allow_none=True)
         if isinstance(generator, list) and len(generator) != batch_size:
