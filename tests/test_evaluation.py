@@ -235,40 +235,12 @@ def test_cli_validates_arguments(tmp_path, capsys):
     assert args.feature_extractor == DIGITS_FEATURE_EXTRACTOR_NAME and args.metrics == ["fid", "isc"]
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline_dir(tmp_path_factory):
-    from diffusers import UNet2DModel
-
-    from dinof_diffusers.models.flow_prior import FlowPriorModel
-    from dinof_diffusers.pipelines.dinof import pipeline_dinof as pipeline_module
-    from dinof_diffusers.schedulers.scheduling_dinof import DiNofScheduler
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        time_embedding_type="fourier",
-    )
-    flow_prior = FlowPriorModel(sample_size=8, in_channels=1, num_levels=2, flow_depth=2, hidden_channels=8)
-    scheduler = DiNofScheduler(num_train_timesteps=20)
-    pipeline = pipeline_module.DiNofPipeline(unet=unet, flow_prior=flow_prior, scheduler=scheduler)
-    path = tmp_path_factory.mktemp("tiny_pipeline")
-    pipeline.save_pretrained(str(path))
-    return path
-
-
-def test_cli_end_to_end_and_resume(tmp_path, tiny_pipeline_dir):
+def test_cli_end_to_end_and_resume(tmp_path, trained_tiny_pipeline_dir):
     evaluate = _load_evaluate_script()
 
     def run(output_dir):
         argv = [
-            "--pipeline", str(tiny_pipeline_dir), "--output_dir", str(output_dir), "--num_samples", "12",
+            "--pipeline", str(trained_tiny_pipeline_dir), "--output_dir", str(output_dir), "--num_samples", "12",
             "--batch_size", "4", "--seed", "1", "--reference", "digits", "--num_inference_steps", "3",
             "--snr", "0.1", "--device", "cpu", "--no_progress",
         ]  # fmt: skip
@@ -312,7 +284,7 @@ def test_cli_end_to_end_and_resume(tmp_path, tiny_pipeline_dir):
 
     # The baseline sampler: the full PC sampler from the SDE prior, no flow.
     baseline = evaluate.main(
-        ["--pipeline", str(tiny_pipeline_dir), "--output_dir", str(tmp_path / "baseline"), "--num_samples", "4",
+        ["--pipeline", str(trained_tiny_pipeline_dir), "--output_dir", str(tmp_path / "baseline"), "--num_samples", "4",
          "--batch_size", "4", "--sampler", "baseline", "--num_inference_steps", "2", "--corrector", "none",
          "--metrics", "isc", "--feature_extractor", "dinof-digits", "--device", "cpu", "--no_progress"]
     )  # fmt: skip
