@@ -1,4 +1,5 @@
-"""Test helpers: score networks with closed forms, written from SPEC.md independently of the scheduler.
+"""Test helpers: score networks with closed forms, written from docs/DESIGN.md ("The SDEs") independently of the
+scheduler.
 
 With data x(0) ~ N(mu, s^2 I), the marginal at any t is N(m mu, (m^2 s^2 + std^2) I), where (m, std) is the SDE's
 (continuous models) or its discrete chain's (discrete models) mean coefficient and standard deviation; its score is
@@ -14,7 +15,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 
 def spec_mean_std(sde_type, t, *, sigma_min=0.01, sigma_max=50.0, beta_min=0.1, beta_max=20.0):
-    """SPEC's continuous marginal (mean coefficient, std) at float64 times t (B,)."""
+    """The continuous marginal (mean coefficient, std) at float64 times t (B,)."""
     t = torch.as_tensor(t, dtype=torch.float64)
     if sde_type == "ve":
         return torch.ones_like(t), sigma_min * (sigma_max / sigma_min) ** t
@@ -25,7 +26,7 @@ def spec_mean_std(sde_type, t, *, sigma_min=0.01, sigma_max=50.0, beta_min=0.1, 
 
 
 def spec_chain_mean_std(sde_type, index, *, N=1000, sigma_min=0.01, sigma_max=50.0, beta_min=0.1, beta_max=20.0):
-    """SPEC's discrete chains: SMLD (1, sigma_i) and DDPM (sqrt(alphabar_i), sqrt(1 - alphabar_i)) at indices (B,)."""
+    """The discrete chains: SMLD (1, sigma_i) and DDPM (sqrt(alphabar_i), sqrt(1 - alphabar_i)) at indices (B,)."""
     index = torch.as_tensor(index).long()
     if sde_type == "ve":
         sigmas = torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), N, dtype=torch.float64))

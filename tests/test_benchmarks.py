@@ -111,7 +111,7 @@ def test_gaussian_control_matches_the_marginal_moments_at_t_star(reproduce, sde_
     mean, std = reproduce.ClaimSampler(pipeline, data_mean, data_var).control_moments()
     if sde_type == "ve":  # x(t*) = x0 + sigma(t*) n
         mean_coeff, sigma = 1.0, 0.01 * (10.0 / 0.01) ** 0.6
-    else:  # SPEC's VP marginal
+    else:  # the VP marginal (docs/DESIGN.md, "The SDEs")
         log_mean = -0.25 * 0.6**2 * (20.0 - 0.1) - 0.5 * 0.6 * 0.1
         mean_coeff, sigma = math.exp(log_mean), math.sqrt(1.0 - math.exp(2.0 * log_mean))
     torch.testing.assert_close(mean.double(), mean_coeff * data_mean, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""DiNofScheduler: SPEC's formulas on fixed inputs, the time grid, the training API, validation."""
+"""DiNofScheduler: the formulas of docs/DESIGN.md on fixed inputs, the time grid, the training API, validation."""
 
 import math
 
@@ -14,7 +14,7 @@ SHAPE = (4, 3, 4, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# SPEC.md, transcribed directly (float64)
+# docs/DESIGN.md ("The SDEs", "Reverse steps"), transcribed directly (float64)
 # ----------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,11 +1,12 @@
 # Copyright 2024 The dinof-diffusers authors. Licensed under the Apache License, Version 2.0.
 """The DiNof predictor-corrector scheduler (score SDEs of Song et al. 2021, sampled from t* = flow_start * T).
 
-The mathematics is in SPEC.md; every SDE quantity (marginal, drift, diffusion, per-step discretisation) is computed by
-exactly one of the private `_SDE` classes below, and every public method of `DiNofScheduler` goes through them.
+The mathematics is in docs/DESIGN.md ("The SDEs", "Reverse steps"); every SDE quantity (marginal, drift, diffusion,
+per-step discretisation) is computed by exactly one of the private `_SDE` classes below, and every public method of
+`DiNofScheduler` goes through them.
 
 Time convention: every public time is the continuous t in [0, T] with T = 1, for continuous and discrete models alike.
-The discrete index of a time is i(t) = floor(t * (N - 1) / T) (SPEC), evaluated in float64.
+The discrete index of a time is i(t) = floor(t * (N - 1) / T) (docs/DESIGN.md, "Time convention"), in float64.
 """
 
 import math
@@ -66,7 +67,7 @@ class _SDE(ABC):
 
     `step_transition(t, i, j)` returns (a, var) of the forward transition from chain index j to chain index i,
     x_i = a * x_j + sqrt(var) * z. The default is the Euler discretisation of the SDE over
-    dt = (i - j) / N, i.e. SPEC's f_i = f(x, t) / N, G_i = g(t) / sqrt(N) for one index; VE and VP override it with their
+    dt = (i - j) / N, i.e. f_i = f(x, t) / N, G_i = g(t) / sqrt(N) for one index; VE and VP override it with their
     exact discrete chains (SMLD and DDPM).
     """
 
@@ -95,7 +96,7 @@ class _SDE(ABC):
         """See the subclasses."""
 
     def step_dt(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """The time a step over the chain indices (j, i] advances: (i - j) / N, SPEC's 1 / N for one index."""
+        """The time a step over the chain indices (j, i] advances: (i - j) / N, 1 / N for one index."""
         return (i - j).double() * self.T / self.N
 
     def step_transition(self, t: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -442,8 +443,8 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         (j = -1 after the last grid point, i.e. down to the data), and uses the forward transition over exactly that
         range: VE G^2 = sigma_i^2 - sigma_j^2, VP alpha = alphabar_i / alphabar_j, sub-VP and Euler-Maruyama
         dt = (i - j) / N. With the default n the grid visits every index from i(t_start) down to 0 exactly once
-        (e.g. N = 1000, t* = 0.6: i(t_k) = 599 - k), so i - j = 1 and these are exactly SPEC's per-index quantities
-        (sigma_i and sigma_{i-1}, alpha_i and beta_i, dt = 1 / N). With fewer steps each step spans several indices and
+        (e.g. N = 1000, t* = 0.6: i(t_k) = 599 - k), so i - j = 1 and these are exactly the per-index steps
+        (sigma_i and sigma_{i-1}, alpha_i and beta_i, dt = 1 / N; docs/DESIGN.md, "Reverse steps"). With fewer steps each step spans several indices and
         uses the forward chain's transition over that span, so the steps always tile [0, t_start] without gap or
         overlap. More steps than the index grid has points would put two grid points on one index and are rejected;
         for a continuous model raise `num_train_timesteps` to refine the grid instead.
@@ -591,7 +592,7 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
     ) -> torch.Tensor:
         """Training times: the network only ever needs noise levels up to t*.
 
-        Continuous models: t = U(eps, T) * flow_start (SPEC). Discrete models: an index i uniform on
+        Continuous models: t = U(eps, T) * flow_start (docs/DESIGN.md, "Training"). Discrete models: an index i uniform on
         {0, ..., int(N * flow_start) - 1}, returned as the time (i + 1/2) / (N - 1) (capped at T), whose i(t) is i
         robustly even after float32 rounding.
 
