@@ -10,7 +10,7 @@ import os
 from typing import Optional, Union
 
 from huggingface_hub import hf_hub_download
-from huggingface_hub.utils import EntryNotFoundError
+from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
 
 def is_local_path(name_or_path: Union[str, os.PathLike]) -> bool:
@@ -25,11 +25,16 @@ def model_file(
     """The local path of `filename` (e.g. "unet/config.json") in a model folder or Hub repository; `None` if absent.
 
     A Hub file is downloaded (or found in the cache; `HF_HUB_OFFLINE=1` is honoured).
+
+    Raises:
+        OSError: the repository cannot be reached or does not exist, or (offline) the file is not in the cache.
     """
     if is_local_path(name_or_path):
         path = os.path.join(name_or_path, filename)
         return path if os.path.isfile(path) else None
     try:
         return hf_hub_download(name_or_path, filename, revision=revision, cache_dir=cache_dir)
+    except LocalEntryNotFoundError:  # offline and not cached: unknown, not absent
+        raise
     except EntryNotFoundError:
         return None

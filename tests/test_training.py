@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -558,7 +559,9 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(w
         )
 
 
-def test_pretrained_models_of_every_kind_are_recognised(score_run, workspace, tmp_path, trained_tiny_pipeline_dir):
+def test_pretrained_models_of_every_kind_are_recognised(
+    score_run, workspace, tmp_path, trained_tiny_pipeline_dir, monkeypatch
+):
     """DiNof pipeline, plain UNet2DModel folder, foreign diffusers pipeline (DDPM): models and scheduler settings."""
     data = {"train_data_dir": workspace["images"]}
 
@@ -597,6 +600,21 @@ def test_pretrained_models_of_every_kind_are_recognised(score_run, workspace, tm
         TrainingError, match="--flow_depth 3 differs .* flow_depth 4 .*--pretrained_model_name_or_path"
     ):
         resolve(pretrained_model_name_or_path=str(trained_tiny_pipeline_dir), flow_depth=3)
+
+    # the same pipeline as a Hub id, offline from the cache: configuration files, then the weights
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--dinof-test--trained"
+    shutil.copytree(trained_tiny_pipeline_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # "dinof-test/trained" must not resolve as a local folder
+    hub = {"cache_dir": str(tmp_path / "cache")}
+    run = resolve(pretrained_model_name_or_path="dinof-test/trained", **hub)
+    assert run.pretrained_kind == "dinof" and run.flow_prior == "pretrained"
+    assert_same_weights(build_models(run)[1].state_dict(), pretrained.flow_prior.state_dict(), atol=0)
+    with pytest.raises(TrainingError, match="--pretrained_model_name_or_path 'dinof-test/missing': cannot read"):
+        resolve(pretrained_model_name_or_path="dinof-test/missing", **hub)
 
     # flags that contradict the pretrained model are refused, naming both
     with pytest.raises(TrainingError, match="--resolution 16 differs .*--pretrained_model_name_or_path"):

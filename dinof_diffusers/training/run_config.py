@@ -368,17 +368,10 @@ def _check_flags(flags: Dict[str, Any], defaults: Dict[str, Any]) -> None:
     if resume not in (None, "latest") and not os.path.isdir(resume):
         raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder (or 'latest').")
 
-    choices = {
-        "train_component": TRAIN_COMPONENTS,
-        "score_time_range": SCORE_TIME_RANGES,
-        "report_to": REPORT_TO,
-        "sde": (*SDE_TYPES, None),
-        "loss_reduction": (*LOSS_REDUCTIONS, None),
-        "mixed_precision": (*MIXED_PRECISIONS, None),
-        "num_channels": (1, 3, None),
-    }
-    for name, allowed in choices.items():
-        check_choice(flags[name], f"--{name}", allowed)
+    for flag in dataclasses.fields(RunConfig):  # the choices argparse offers (None where it means "not given")
+        allowed = flag.metadata.get("argparse", {}).get("choices")
+        if allowed is not None:
+            check_choice(flags[flag.name], f"--{flag.name}", [*allowed, *([None] if flag.default is None else [])])
     positive = [
         "resolution", "train_batch_size", "num_epochs", "max_train_steps", "gradient_accumulation_steps",
         "checkpointing_steps", "checkpoints_total_limit", "save_images_steps", "num_sample_images",
@@ -456,11 +449,14 @@ def _score_network_source(flags: Dict[str, Any]) -> Dict[str, Any]:
         return {"kind": None, "unet": unet, "preset": preset, "scheduler": {}, "flow": None}
 
     def read(filename):
-        local = model_file(path, filename, revision=flags["revision"], cache_dir=flags["cache_dir"])
-        if local is None:
-            return None
-        with open(local) as handle:
-            return json.load(handle)
+        try:
+            local = model_file(path, filename, revision=flags["revision"], cache_dir=flags["cache_dir"])
+            if local is None:
+                return None
+            with open(local) as handle:
+                return json.load(handle)
+        except (OSError, ValueError) as error:
+            raise TrainingError(f"--pretrained_model_name_or_path {path!r}: cannot read {filename}: {error}") from None
 
     index = read("model_index.json")
     kind = "unet" if index is None else "dinof" if index.get("_class_name") == "DiNofPipeline" else "pipeline"
