@@ -11,7 +11,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
-from .validation import check_positive_int
+from .validation import check_choice, check_positive_int
 
 DIGITS_NUM_IMAGES = 1797
 
@@ -83,16 +83,13 @@ def _sklearn_sample_photos() -> tuple:
 
 
 def _check_patch_args(split: str, size: int, num_patches: Optional[int]) -> int:
-    if split not in PATCH_SPLITS:
-        raise ValueError(f"`split` must be one of {list(PATCH_SPLITS)}, got {split!r}.")
+    check_choice(split, "split", PATCH_SPLITS)
     height, width = _sklearn_sample_photos()[0].shape[:2]
     region_width = int(width * PATCH_TRAIN_FRACTION) if split == "train" else width - int(width * PATCH_TRAIN_FRACTION)
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= min(height, region_width):
         raise ValueError(f"`size` must be an integer in [1, {min(height, region_width)}], got {size!r}.")
-    num_patches = DEFAULT_NUM_PATCHES[split] if num_patches is None else num_patches
-    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
-        raise ValueError(f"`num_patches` must be a positive integer or None, got {num_patches!r}.")
-    return num_patches
+    check_positive_int(num_patches, "num_patches", allow_none=True)
+    return DEFAULT_NUM_PATCHES[split] if num_patches is None else num_patches
 
 
 def sample_patch_positions(

@@ -6,7 +6,7 @@ Python argument and is shown in backticks (`batch_size`).
 """
 
 import math
-from typing import Any, Collection, Optional
+from typing import Any, Collection, Optional, Tuple
 
 
 def _display(name: str) -> str:
@@ -67,3 +67,41 @@ def check_number(
         expected = f"{'None or ' if allow_none else ''}a finite number{bounds}"
         raise ValueError(f"{_display(name)} must be {expected}, got {value!r}.")
     return value
+
+
+def check_size_pair(value: Any, name: str = "sample_size") -> Tuple[int, int]:
+    """An image size: a positive integer (square) or a (height, width) pair of them; returns (height, width)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{_display(name)} must be an int or a (height, width) pair, got {value!r}.")
+        return check_positive_int(value[0], name), check_positive_int(value[1], name)
+    size = check_positive_int(value, name)
+    return size, size
+
+
+def check_range_pair(value: Any, name: str = "data_range") -> Tuple[float, float]:
+    """A finite (low, high) pair with high > low; returns it as floats."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{_display(name)} must be a (low, high) pair, got {value!r}.")
+    low, high = (float(v) for v in value)
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise ValueError(f"{_display(name)} must be a finite (low, high) pair with high > low, got {value!r}.")
+    return low, high
+
+
+def check_generators(generator: Any, batch_size: int) -> None:
+    """A list of generators (`randn_tensor`'s per-sample form) must hold exactly one per sample."""
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(f"`generator` is a list of {len(generator)} generators, but `batch_size` is {batch_size}.")
+
+
+def check_temperature(value: Any) -> float:
+    """A sampling temperature tau: a finite number > 0; returned as a float."""
+    return float(check_number(value, "temperature", minimum=0.0, exclusive_minimum=True))
+
+
+def check_sample_arguments(batch_size: Any, generator: Any, temperature: Any) -> float:
+    """The arguments of a prior's `sample(batch_size, generator, temperature)`; returns the temperature as a float."""
+    check_positive_int(batch_size, "batch_size")
+    check_generators(generator, batch_size)
+    return check_temperature(temperature)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..models.gaussian_prior import GaussianPriorModel, ImageMoments, estimate_image_moments
 from ..pipelines.dinof.pipeline_dinof import check_prior_matches_scheduler
+from ..validation import check_int, check_number, check_positive_int
 
 MIXTURE, GAUSSIAN_FULL, GAUSSIAN_DIAGONAL, FLOW = "mixture", "gaussian_full", "gaussian_diagonal", "flow"
 # (minuend, subtrahend) of the reported NLL differences; "a - b" > 0 means b fits x(t) better than a
@@ -125,8 +126,7 @@ def diffuse_images(images: torch.Tensor, scheduler, t: Optional[float] = None, n
         `torch.Tensor` of shape `(num_draws, N, C, H, W)`, float64.
     """
     t = _check_time(scheduler, t)
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
-        raise ValueError(f"`num_draws` must be a positive integer, got {num_draws!r}.")
+    check_positive_int(num_draws, "num_draws")
     images = images.double().cpu()
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_draws, *images.shape), generator=generator, dtype=torch.float64)
@@ -160,8 +160,7 @@ def mixture_log_prob(
     Returns:
         `torch.Tensor` of shape `(P,)`, float64, nats.
     """
-    if not std > 0:
-        raise ValueError(f"`std` must be > 0, got {std!r}.")
+    check_number(std, "std", minimum=0.0, exclusive_minimum=True)
     x = points.reshape(points.shape[0], -1).double().cpu()
     centres = mean_coeff * components.reshape(components.shape[0], -1).double().cpu()
     if x.shape[1] != centres.shape[1]:
@@ -296,8 +295,7 @@ def flow_gain(
         raise ValueError(
             f"`models` must be a subset of {[MIXTURE, GAUSSIAN_FULL, GAUSSIAN_DIAGONAL, FLOW]}, got {unknown}."
         )
-    if max_train_points is not None and (isinstance(max_train_points, bool) or max_train_points < 2):
-        raise ValueError(f"`max_train_points` must be None or an integer >= 2, got {max_train_points!r}.")
+    check_int(max_train_points, "max_train_points", minimum=2, allow_none=True)
     if flow_prior is not None:
         if abs(t - scheduler.t_star) > 1e-9:
             raise ValueError(f"A `flow_prior` models x(t*) at t* = {scheduler.t_star}; `t` = {t} differs.")

@@ -32,7 +32,14 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from ..validation import check_choice, check_number, check_positive_int
+from ..validation import (
+    check_choice,
+    check_positive_int,
+    check_range_pair,
+    check_sample_arguments,
+    check_size_pair,
+    check_temperature,
+)
 from .glow_layout import (
     COUPLING_TYPES,
     FLOW_MARKER_KEY,
@@ -377,7 +384,7 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
         check_positive_int(flow_depth, "flow_depth")
         check_positive_int(hidden_channels, "hidden_channels")
         check_choice(coupling, "coupling", COUPLING_TYPES)
-        height, width = self._size_pair(sample_size)
+        height, width = check_size_pair(sample_size)
         factor = 2**num_levels
         if height % factor or width % factor:
             raise ValueError(
@@ -397,22 +404,13 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------------------------
     # Shapes and validation.
 
-    @staticmethod
-    def _size_pair(sample_size) -> Tuple[int, int]:
-        if isinstance(sample_size, (tuple, list)):
-            if len(sample_size) != 2:
-                raise ValueError(f"`sample_size` must be an int or a (height, width) pair, got {sample_size!r}.")
-            return check_positive_int(sample_size[0], "sample_size"), check_positive_int(sample_size[1], "sample_size")
-        size = check_positive_int(sample_size, "sample_size")
-        return size, size
-
     def _latent_shapes_for(self, height: int, width: int) -> List[Tuple[int, int, int]]:
         return GlowLayout(self.config.in_channels, self.config.num_levels).latent_shapes(height, width)
 
     @property
     def latent_shapes(self) -> List[Tuple[int, int, int]]:
         """Per-level latent shapes (C, H, W) at `sample_size`, level 0 (the coarsest) first."""
-        return self._latent_shapes_for(*self._size_pair(self.config.sample_size))
+        return self._latent_shapes_for(*check_size_pair(self.config.sample_size))
 
     def _check_sample(self, sample, name: str = "sample") -> None:
         if not isinstance(sample, torch.Tensor) or sample.ndim != 4:
@@ -430,10 +428,6 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
             )
         if sample.shape[0] == 0:
             raise ValueError(f"`{name}` has an empty batch.")
-
-    @staticmethod
-    def _check_temperature(temperature) -> float:
-        return float(check_number(temperature, "temperature", minimum=0.0, exclusive_minimum=True))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Caches.
@@ -593,13 +587,7 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
         """
         check_positive_int(num_bits, "num_bits", allow_none=True)
         if num_bits is not None:
-            if not isinstance(data_range, (tuple, list)) or len(data_range) != 2:
-                raise ValueError(f"`data_range` must be a (low, high) pair, got {data_range!r}.")
-            low, high = (float(v) for v in data_range)
-            if not (math.isfinite(low) and math.isfinite(high) and high > low):
-                raise ValueError(
-                    f"`data_range` must be a finite (low, high) pair with high > low, got {data_range!r}."
-                )
+            low, high = check_range_pair(data_range)
         log_prob = self.log_prob(sample)
         dim = sample.shape[1] * sample.shape[2] * sample.shape[3]
         bpd = -log_prob / (dim * math.log(2.0))
@@ -653,7 +641,7 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
             `List[torch.Tensor]`: the latents, level 0 first.
         """
         self._check_sample(noise, "noise")
-        log_tau = math.log(self._check_temperature(temperature))
+        log_tau = math.log(check_temperature(temperature))
         batch = noise.shape[0]
         shapes = self._latent_shapes_for(noise.shape[2], noise.shape[3])
         pieces = noise.to(dtype=self.dtype).reshape(batch, -1).split([c * h * w for c, h, w in shapes], dim=1)
@@ -684,12 +672,9 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
         Returns:
             `torch.Tensor` of shape `(batch_size, in_channels, H, W)` on the model's device, in its dtype.
         """
-        check_positive_int(batch_size, "batch_size")
-        self._check_temperature(temperature)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"`generator` is a list of {len(generator)} generators, but `batch_size`={batch_size}.")
+        check_sample_arguments(batch_size, generator, temperature)
         if noise is None:
-            height, width = self._size_pair(self.config.sample_size)
+            height, width = check_size_pair(self.config.sample_size)
             noise = randn_tensor(
                 (batch_size, self.config.in_channels, height, width),
                 generator=generator,

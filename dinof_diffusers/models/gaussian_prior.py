@@ -31,6 +31,16 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from ..validation import (
+    check_choice,
+    check_number,
+    check_positive_int,
+    check_range_pair,
+    check_sample_arguments,
+    check_size_pair,
+    check_temperature,
+)
+
 COVARIANCE_TYPES = ("full", "diagonal")
 
 
@@ -82,30 +92,6 @@ class ImageMoments:
         return "diagonal" if self.eigenvectors is None else "full"
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return value
-
-
-def _size_pair(sample_size) -> Tuple[int, int]:
-    if isinstance(sample_size, (tuple, list)):
-        if len(sample_size) != 2:
-            raise ValueError(f"`sample_size` must be an int or a (height, width) pair, got {sample_size!r}.")
-        return _positive_int(sample_size[0], "sample_size"), _positive_int(sample_size[1], "sample_size")
-    size = _positive_int(sample_size, "sample_size")
-    return size, size
-
-
-def _range_pair(data_range, name: str = "data_range") -> Tuple[float, float]:
-    if not isinstance(data_range, (tuple, list)) or len(data_range) != 2:
-        raise ValueError(f"`{name}` must be a (low, high) pair, got {data_range!r}.")
-    low, high = (float(v) for v in data_range)
-    if not (math.isfinite(low) and math.isfinite(high) and high > low):
-        raise ValueError(f"`{name}` must be a finite (low, high) pair with high > low, got {data_range!r}.")
-    return low, high
-
-
 def _batches(images, batch_size: int) -> Iterable[torch.Tensor]:
     """Yields (B, C, H, W) float64 CPU batches of a tensor / array, or of an iterable of batches (e.g. a DataLoader,
     whose elements may be tensors or tuples / lists with the images first)."""
@@ -134,13 +120,13 @@ def _num_batches(images, batch_size: int) -> Optional[int]:
 def estimate_image_moments(
     images,
     covariance: str = "full",
+    data_range: Optional[Tuple[float, float]] = None,
+    batch_size: int = 1024,
+    show_progress: bool = True,
     rank: int = 256,
     max_full_dim: int = 4096,
-    batch_size: int = 1024,
     power_iterations: int = 6,
     seed: int = 0,
-    data_range: Optional[Tuple[float, float]] = None,
-    show_progress: bool = True,
 ) -> ImageMoments:
     """Mean and covariance of images, streamed over batches in float64.
 
@@ -153,25 +139,23 @@ def estimate_image_moments(
         images: `torch.Tensor` / `np.ndarray` of shape `(N, C, H, W)`, or a re-iterable of such batches (a
             `DataLoader`; the low-rank branch reads it `1 + power_iterations` times).
         covariance (`str`): `"full"` or `"diagonal"`.
+        data_range (`Tuple[float, float]`, *optional*): if given, images outside it raise a `ValueError`.
+        batch_size (`int`): images per step when `images` is a tensor or array.
+        show_progress (`bool`): tqdm progress bars over the batches.
         rank (`int`): k, the eigenpairs kept when D > `max_full_dim`.
         max_full_dim (`int`): the largest D whose covariance is kept in full.
-        batch_size (`int`): images per step when `images` is a tensor or array.
         power_iterations (`int`): passes of subspace iteration (low-rank branch only).
         seed (`int`): seed of the subspace iteration's random start.
-        data_range (`Tuple[float, float]`, *optional*): if given, images outside it raise a `ValueError`.
-        show_progress (`bool`): tqdm progress bars over the batches.
 
     Returns:
         [`ImageMoments`].
     """
-    if covariance not in COVARIANCE_TYPES:
-        raise ValueError(f"`covariance` must be one of {list(COVARIANCE_TYPES)}, got {covariance!r}.")
+    check_choice(covariance, "covariance", COVARIANCE_TYPES)
     for value, name in ((rank, "rank"), (max_full_dim, "max_full_dim"), (batch_size, "batch_size")):
-        _positive_int(value, name)
-    if isinstance(power_iterations, bool) or not isinstance(power_iterations, int) or power_iterations < 1:
-        raise ValueError(f"`power_iterations` must be a positive integer, got {power_iterations!r}.")
+        check_positive_int(value, name)
+    check_positive_int(power_iterations, "power_iterations")
     if data_range is not None:
-        low, high = _range_pair(data_range)
+        low, high = check_range_pair(data_range)
     if isinstance(images, (torch.Tensor, np.ndarray)) and (images.ndim != 4 or images.shape[0] == 0):
         raise ValueError(f"`images` must be a non-empty (N, C, H, W) tensor, got shape {tuple(images.shape)}.")
     total = _num_batches(images, batch_size)
@@ -300,18 +284,14 @@ class GaussianPriorModel(ModelMixin, ConfigMixin):
         num_images: Optional[int] = None,
     ):
         super().__init__()
-        height, width = _size_pair(sample_size)
-        _positive_int(in_channels, "in_channels")
-        _positive_int(rank, "rank")
-        _positive_int(max_full_dim, "max_full_dim")
-        if covariance not in COVARIANCE_TYPES:
-            raise ValueError(f"`covariance` must be one of {list(COVARIANCE_TYPES)}, got {covariance!r}.")
-        if isinstance(flow_start, bool) or not isinstance(flow_start, (int, float)) or not 0.0 < flow_start <= 1.0:
-            raise ValueError(f"`flow_start` must lie in (0, 1], got {flow_start!r}.")
-        _range_pair(data_range)
+        height, width = check_size_pair(sample_size)
+        for value, name in ((in_channels, "in_channels"), (rank, "rank"), (max_full_dim, "max_full_dim")):
+            check_positive_int(value, name)
+        check_choice(covariance, "covariance", COVARIANCE_TYPES)
+        check_number(flow_start, "flow_start", 0.0, 1.0, exclusive_minimum=True)
+        check_range_pair(data_range)
         for value, name in ((mean_coeff, "mean_coeff"), (noise_std, "noise_std")):
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"`{name}` must be None or a finite number > 0, got {value!r}.")
+            check_number(value, name, minimum=0.0, exclusive_minimum=True, allow_none=True)
 
         dim = in_channels * height * width
         self.register_buffer("mean", torch.zeros(dim))
@@ -349,14 +329,13 @@ class GaussianPriorModel(ModelMixin, ConfigMixin):
         Returns:
             `GaussianPriorModel` in `dtype`, in evaluation mode.
         """
-        covariance = moments.covariance if covariance is None else covariance
-        if covariance not in COVARIANCE_TYPES:
-            raise ValueError(f"`covariance` must be one of {list(COVARIANCE_TYPES)}, got {covariance!r}.")
+        covariance = check_choice(
+            moments.covariance if covariance is None else covariance, "covariance", COVARIANCE_TYPES
+        )
         if covariance == "full" and moments.eigenvectors is None:
             raise ValueError("`covariance='full'` needs full moments (`estimate_image_moments(covariance='full')`).")
         flow_start = scheduler.config.flow_start if flow_start is None else flow_start
-        if isinstance(flow_start, bool) or not isinstance(flow_start, (int, float)) or not 0.0 < flow_start <= 1.0:
-            raise ValueError(f"`flow_start` must lie in (0, 1], got {flow_start!r}.")
+        check_number(flow_start, "flow_start", 0.0, 1.0, exclusive_minimum=True)
         t = torch.tensor([flow_start * scheduler.T], dtype=torch.float64)
         mean_coeff, noise_std = (float(v[0]) for v in scheduler.marginal_mean_std(t))
         channels, height, width = moments.image_shape
@@ -393,13 +372,8 @@ class GaussianPriorModel(ModelMixin, ConfigMixin):
         scheduler,
         covariance: str = "full",
         flow_start: Optional[float] = None,
-        rank: int = 256,
-        max_full_dim: int = 4096,
-        batch_size: int = 1024,
-        power_iterations: int = 6,
-        seed: int = 0,
-        show_progress: bool = True,
         dtype: torch.dtype = torch.float32,
+        **moment_kwargs,
     ) -> "GaussianPriorModel":
         """Fits the prior of x(t*) in closed form from clean training images (one streaming pass; more for low rank).
 
@@ -409,8 +383,9 @@ class GaussianPriorModel(ModelMixin, ConfigMixin):
             scheduler ([`DiNofScheduler`]): the SDE; t* = `flow_start` * T.
             covariance (`str`, defaults to `"full"`): `"full"` or `"diagonal"`.
             flow_start (`float`, *optional*): default the scheduler's `flow_start`.
-            rank, max_full_dim, batch_size, power_iterations, seed, show_progress: see `estimate_image_moments`.
             dtype (`torch.dtype`, defaults to `torch.float32`): of the buffers.
+            **moment_kwargs: `rank`, `max_full_dim`, `batch_size`, `power_iterations`, `seed`, `show_progress` of
+                `estimate_image_moments`.
 
         Returns:
             `GaussianPriorModel` (evaluation mode).
@@ -419,17 +394,8 @@ class GaussianPriorModel(ModelMixin, ConfigMixin):
             >>> prior = GaussianPriorModel.fit(train_images, pipe.scheduler, covariance="full")
             >>> pipe.flow_prior = prior  # or DiNofPipeline(unet, scheduler, flow_prior=prior)
         """
-        moments = estimate_image_moments(
-            images,
-            covariance=covariance,
-            rank=rank,
-            max_full_dim=max_full_dim,
-            batch_size=batch_size,
-            power_iterations=power_iterations,
-            seed=seed,
-            data_range=scheduler.data_range,
-            show_progress=show_progress,
-        )
+        data_range = scheduler.data_range
+        moments = estimate_image_moments(images, covariance=covariance, data_range=data_range, **moment_kwargs)
         return cls.from_moments(moments, scheduler, flow_start=flow_start, dtype=dtype)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -438,7 +404,7 @@ class GaussianPriorModel(ModelMixin, ConfigMixin):
     @property
     def image_shape(self) -> Tuple[int, int, int]:
         """(C, H, W) of x."""
-        return (self.config.in_channels, *_size_pair(self.config.sample_size))
+        return (self.config.in_channels, *check_size_pair(self.config.sample_size))
 
     @property
     def t_star(self) -> float:
@@ -467,17 +433,6 @@ class GaussianPriorModel(ModelMixin, ConfigMixin):
             raise ValueError(f"`{name}` must be a tensor of shape (batch, {', '.join(map(str, shape))}), got {got}.")
         if sample.shape[0] == 0:
             raise ValueError(f"`{name}` has an empty batch.")
-
-    @staticmethod
-    def _check_temperature(temperature) -> float:
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}.")
-        return float(temperature)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Density direction.
@@ -540,9 +495,8 @@ class GaussianPriorModel(ModelMixin, ConfigMixin):
         Returns:
             `torch.Tensor` of shape `(batch_size,)`.
         """
-        if num_bits is not None and (isinstance(num_bits, bool) or not isinstance(num_bits, int) or num_bits < 1):
-            raise ValueError(f"`num_bits` must be None or a positive integer, got {num_bits!r}.")
-        low, high = _range_pair(self.config.data_range if data_range is None else data_range)
+        check_positive_int(num_bits, "num_bits", allow_none=True)
+        low, high = check_range_pair(self.config.data_range if data_range is None else data_range)
         bpd = -self.log_prob(sample) / (math.prod(self.image_shape) * math.log(2.0))
         if num_bits is not None:
             bpd = bpd + num_bits - math.log2(high - low)
@@ -566,7 +520,7 @@ class GaussianPriorModel(ModelMixin, ConfigMixin):
             `torch.Tensor` of noise's shape, in the model's dtype and on its device.
         """
         self._check_sample(noise, "noise")
-        tau = self._check_temperature(temperature)
+        tau = check_temperature(temperature)
         n = noise.to(device=self.mean.device, dtype=self.mean.dtype).reshape(noise.shape[0], -1)
         if self.config.covariance == "diagonal":
             x = torch.sqrt(self.variances) * n
@@ -597,11 +551,7 @@ class GaussianPriorModel(ModelMixin, ConfigMixin):
         Returns:
             `torch.Tensor` of shape `(batch_size, in_channels, height, width)` on the model's device, in its dtype.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
-        self._check_temperature(temperature)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"`generator` is a list of {len(generator)} generators, but `batch_size`={batch_size}.")
+        check_sample_arguments(batch_size, generator, temperature)
         if noise is None:
             noise = randn_tensor(
                 (batch_size, *self.image_shape), generator=generator, device=self.mean.device, dtype=self.mean.dtype

@@ -19,7 +19,7 @@ from ...hub_utils import is_local_path
 from ...models.flow_prior import FlowPriorModel
 from ...models.gaussian_prior import GaussianPriorModel
 from ...schedulers.scheduling_dinof import DiNofScheduler
-from ...validation import check_choice, check_number, check_positive_int
+from ...validation import check_choice, check_generators, check_number, check_positive_int
 
 logger = logging.get_logger(__name__)
 
@@ -181,10 +181,7 @@ class DiNofPipeline(DiffusionPipeline):
         """Raises `ValueError` naming the first bad argument of `__call__`, before any work is done."""
         check_positive_int(batch_size, "batch_size")
         check_positive_int(num_inference_steps, "num_inference_steps", allow_none=True)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators, but `batch_size` is {batch_size}."
-            )
+        check_generators(generator, batch_size)
         check_choice(output_type, "output_type", OUTPUT_TYPES)
         check_number(flow_temperature, "flow_temperature", minimum=0.0, exclusive_minimum=True)
         for name, tensor in (("latents", latents), ("prior_sample", prior_sample)):
