@@ -32,11 +32,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.helpers import vassert
 
 from ..data import digits_images, digits_labels
 from ..file_utils import atomic_write_path
+from .feature_extractor import Uint8ImageFeatureExtractor
 
 DIGITS_FEATURE_EXTRACTOR_NAME = "dinof-digits"
 # Feature keys provided to torch-fidelity: penultimate activations, logits without / with the bias.
@@ -307,7 +306,7 @@ def digits_classifier_info(path: Optional[Union[str, os.PathLike]] = None) -> Di
     return json.loads(torch.load(path, map_location="cpu", weights_only=True)["info"])
 
 
-class FeatureExtractorDigits(FeatureExtractorBase):
+class FeatureExtractorDigits(Uint8ImageFeatureExtractor):
     """torch-fidelity feature extractor built on `DigitsClassifier` (registered as `"dinof-digits"`).
 
     Args:
@@ -318,52 +317,33 @@ class FeatureExtractorDigits(FeatureExtractorBase):
         **kwargs: the remaining `torch_fidelity.calculate_metrics` keywords (ignored).
     """
 
+    FEATURE_LAYERS = {
+        "isc": "logits_unbiased",
+        "fid": DIGITS_FEATURE_KEY,
+        "kid": DIGITS_FEATURE_KEY,
+        "prc": DIGITS_FEATURE_KEY,
+    }
+    DUMMY_INPUT_SIZE = CLASSIFIER_RESOLUTION
+
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
         self.classifier = load_digits_classifier(feature_extractor_weights_path, verbose=bool(kwargs.get("verbose")))
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Features of a batch of images.
-
-        Args:
-            x: `torch.Tensor` uint8 of shape (B, C, H, W), C in {1, 3, 4}, any H, W.
-
-        Returns:
-            A tuple with one float32 tensor per requested feature, in the order of `features_list`: `"128"` is
-            (B, 128), the logits are (B, 10).
-        """
-        vassert(
-            torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8"
-        )
+    def features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """`"128"`: the penultimate features (B, 128); `"logits_unbiased"`, `"logits"`: (B, 10)."""
         features = self.classifier.features(preprocess_images(x, self.classifier.resolution))
-        out = {DIGITS_FEATURE_KEY: features * self.classifier.feature_scale}
         fc = self.classifier.fc2
-        out["logits_unbiased"] = F.linear(features, fc.weight)
-        out["logits"] = fc(features)
-        return tuple(out[name].to(torch.float32) for name in self.features_list)
+        return {
+            DIGITS_FEATURE_KEY: features * self.classifier.feature_scale,
+            "logits_unbiased": F.linear(features, fc.weight),
+            "logits": fc(features),
+        }
 
     @staticmethod
     def get_provided_features_list():
         return DIGITS_FEATURES
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {
-            "isc": "logits_unbiased",
-            "fid": DIGITS_FEATURE_KEY,
-            "kid": DIGITS_FEATURE_KEY,
-            "prc": DIGITS_FEATURE_KEY,
-        }[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return (torch.rand([1, 3, CLASSIFIER_RESOLUTION, CLASSIFIER_RESOLUTION]) * 255).to(torch.uint8)
 
 
 def register_digits_feature_extractor() -> str:

@@ -27,12 +27,13 @@ Note: torch-fidelity caches the features of *registered* inputs (e.g. "cifar10-t
 after changing `feature_extractor_weights_path` for the same name, clear that cache (`cache_root`).
 """
 
-from typing import Tuple
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.helpers import vassert
+
+from .feature_extractor import Uint8ImageFeatureExtractor
 
 DINOV2_MODEL_IDS = {
     "dinov2-hf-vit-s-14": "facebook/dinov2-small",
@@ -78,7 +79,7 @@ def load_dinov2_model(model_id: str = DINOV2_MODEL_IDS[DINOV2_FEATURE_EXTRACTOR_
     return Dinov2Model.from_pretrained(model_id).eval()
 
 
-class FeatureExtractorDinov2HF(FeatureExtractorBase):
+class FeatureExtractorDinov2HF(Uint8ImageFeatureExtractor):
     """torch-fidelity feature extractor on `transformers.Dinov2Model` (registered as "dinov2-hf-vit-{s,b,l,g}-14").
 
     Args:
@@ -89,6 +90,8 @@ class FeatureExtractorDinov2HF(FeatureExtractorBase):
         feature_extractor_internal_dtype: `"float32"` (default) or `"float64"`.
         **kwargs: the remaining `torch_fidelity.calculate_metrics` keywords (ignored).
     """
+
+    FEATURE_LAYERS = {metric: DINOV2_FEATURE_KEY for metric in ("isc", "fid", "kid", "prc")}
 
     def __init__(
         self, name, features_list, feature_extractor_weights_path=None, feature_extractor_internal_dtype=None, **kwargs
@@ -106,43 +109,14 @@ class FeatureExtractorDinov2HF(FeatureExtractorBase):
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Features of a batch of images.
-
-        Args:
-            x: `torch.Tensor` uint8 of shape (B, C, H, W), C in {1, 3, 4}, any H, W.
-
-        Returns:
-            A tuple with the (B, hidden_size) float32 class-token features per requested feature.
-        """
-        vassert(
-            torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8"
-        )
+    def features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """`"dinov2"`: the class token after the final LayerNorm, (B, hidden_size)."""
         pixels = preprocess_dinov2(x).to(self.internal_dtype)
-        features = self.model(pixel_values=pixels).pooler_output
-        out = {DINOV2_FEATURE_KEY: features.to(torch.float32)}
-        return tuple(out[name] for name in self.features_list)
+        return {DINOV2_FEATURE_KEY: self.model(pixel_values=pixels).pooler_output}
 
     @staticmethod
     def get_provided_features_list():
         return (DINOV2_FEATURE_KEY,)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {
-            "isc": DINOV2_FEATURE_KEY,
-            "fid": DINOV2_FEATURE_KEY,
-            "kid": DINOV2_FEATURE_KEY,
-            "prc": DINOV2_FEATURE_KEY,
-        }[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return (torch.rand([1, 3, 4, 4]) * 255).to(torch.uint8)
 
 
 def register_dinov2_feature_extractors() -> str:
