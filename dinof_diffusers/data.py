@@ -2,6 +2,10 @@
 
 scikit-learn ships the 1,797 8x8 digits (UCI optical recognition of handwritten digits, 16 grey levels) inside its
 wheel, so this data set needs no download and runs through exactly the code path a Hub data set takes.
+
+A fixed split keeps held-out digits for evaluation (likelihoods, sample quality): a permutation of the 1,797 indices
+by `numpy.random.default_rng(DIGITS_SPLIT_SEED)`, whose first 1,500 are "train" and the other 297 "test"; each split
+keeps the data set's order. Every caller gets the same split.
 """
 
 from functools import lru_cache
@@ -14,6 +18,9 @@ from PIL import Image as PILImage
 from .validation import check_choice, check_positive_int
 
 DIGITS_NUM_IMAGES = 1797
+DIGITS_NUM_TRAIN = 1500
+DIGITS_SPLIT_SEED = 0
+DIGITS_SPLITS = ("all", "train", "test")
 
 
 @lru_cache(maxsize=1)
@@ -24,18 +31,37 @@ def _sklearn_digits():
     return load_digits()
 
 
-def digits_images(resolution: Optional[int] = None) -> np.ndarray:
+def digits_split_indices(split: str = "all") -> np.ndarray:
+    """The indices of a split of the digits, increasing.
+
+    Args:
+        split: "all" (1,797), "train" (1,500) or "test" (297); train and test are disjoint and cover all.
+
+    Returns:
+        `np.ndarray` of int64.
+    """
+    check_choice(split, "split", DIGITS_SPLITS)
+    if split == "all":
+        return np.arange(DIGITS_NUM_IMAGES, dtype=np.int64)
+    permutation = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(DIGITS_NUM_IMAGES)
+    chosen = permutation[:DIGITS_NUM_TRAIN] if split == "train" else permutation[DIGITS_NUM_TRAIN:]
+    return np.sort(chosen).astype(np.int64)
+
+
+def digits_images(resolution: Optional[int] = None, split: str = "all") -> np.ndarray:
     """The digits as uint8 greyscale arrays.
 
     Args:
         resolution: side length to resize to (bilinear); `None` keeps the native 8x8.
+        split: "all" (default), "train" or "test" (see `digits_split_indices`).
 
     Returns:
-        `np.ndarray` of shape (1797, resolution, resolution), dtype uint8, ink bright on a dark background.
+        `np.ndarray` of shape (num_images, resolution, resolution), dtype uint8, ink bright on a dark background.
     """
     check_positive_int(resolution, "resolution", allow_none=True)
+    indices = digits_split_indices(split)
     # 16 grey levels (0..16) mapped onto the full 8-bit range.
-    images = np.round(_sklearn_digits().images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.round(_sklearn_digits().images[indices] * (255.0 / 16.0)).astype(np.uint8)
     if resolution is None or resolution == images.shape[-1]:
         return images
     resized = [
@@ -44,22 +70,23 @@ def digits_images(resolution: Optional[int] = None) -> np.ndarray:
     return np.stack(resized)
 
 
-def digits_labels() -> np.ndarray:
-    """The class (0-9) of each digit, shape (1797,), int64."""
-    return _sklearn_digits().target.astype(np.int64)
+def digits_labels(split: str = "all") -> np.ndarray:
+    """The class (0-9) of each digit of a split, shape (num_images,), int64."""
+    return _sklearn_digits().target[digits_split_indices(split)].astype(np.int64)
 
 
-def load_digits_dataset(resolution: Optional[int] = None) -> Dataset:
+def load_digits_dataset(resolution: Optional[int] = None, split: str = "all") -> Dataset:
     """The digits as a `datasets.Dataset` with an `image` (PIL, mode "L") and a `label` column.
 
     Args:
         resolution: side length of the stored images; `None` keeps the native 8x8 (the training transforms
             resize anyway, like for any other data set).
+        split: "all" (default), "train" or "test" (see `digits_split_indices`).
     """
     features = Features({"image": Image(), "label": ClassLabel(names=[str(digit) for digit in range(10)])})
-    images = digits_images(resolution)
+    images = digits_images(resolution, split=split)
     return Dataset.from_dict(
-        {"image": [PILImage.fromarray(image) for image in images], "label": digits_labels().tolist()},
+        {"image": [PILImage.fromarray(image) for image in images], "label": digits_labels(split).tolist()},
         features=features,
     )
 

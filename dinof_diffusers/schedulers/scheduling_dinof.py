@@ -110,6 +110,21 @@ class _SDE(ABC):
     def langevin_alpha(self, i: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(i, dtype=torch.float64)
 
+    # noise levels of the probability-flow ODE's time grids
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """EDM's sigma(t) = std(t) / mean_coeff(t) (Karras et al. 2022): sigma(t) for VE; increasing in t."""
+        mean, std = self.marginal_mean_std(t)
+        return std / mean
+
+    def time_at_noise_level(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The t in [0, T] with noise_level(t) = sigma (clipped to the ends), by bisection to float64 resolution."""
+        low, high = torch.zeros_like(sigma), torch.full_like(sigma, self.T)
+        for _ in range(64):  # 2^-64 T is below float64's resolution of t
+            middle = 0.5 * (low + high)
+            above = self.noise_level(middle) > sigma
+            low, high = torch.where(above, low, middle), torch.where(above, middle, high)
+        return 0.5 * (low + high)
+
 
 class _VESDE(_SDE):
     """Variance exploding SDE; its chain is SMLD's with sigma_i = exp(linspace(ln sigma_min, ln sigma_max, N))."""
@@ -583,6 +598,67 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         like = self._upcast(x)
         drift = self._to(self._sde.drift_coeff(t64), like, x.ndim) * like
         return drift.to(x.dtype), self._to(self._sde.diffusion(t64), like)
+
+    def _check_continuous(self, what: str) -> None:
+        if not self.config.continuous:
+            raise ValueError(
+                f"{what} is defined for continuous-time models only (`continuous=True`); this scheduler's model is "
+                f"discrete ({'SMLD' if self.config.sde_type == 've' else 'DDPM'}): use the PC sampler."
+            )
+
+    def ode_drift(self, model_output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The probability-flow ODE's drift, dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t) (Song et al. 2021, eq. 13).
+
+        Differentiable in `sample` and `model_output` (the likelihood's divergence goes through it). Continuous-time
+        models only.
+
+        Args:
+            model_output (`torch.Tensor` of shape `(B, C, H, W)`): the network's output at (sample, model_timestep(t)).
+            sample (`torch.Tensor` of shape `(B, C, H, W)`): the state x(t).
+            t (`torch.Tensor` of shape `(B,)` or `()`, or `float`): times in [0, T] (pass float64 for off-grid times).
+
+        Returns:
+            `torch.Tensor` of shape `(B, C, H, W)` in the dtype of `sample` (computed in float32 for half inputs).
+        """
+        self._check_continuous("The probability-flow ODE")
+        t64, index, _ = self._resolve(t, name="t")
+        x = self._upcast(sample)
+        score = self._score(model_output, t64, index, x)
+        drift = self._to(self._sde.drift_coeff(t64), x, x.ndim) * x
+        half_g2 = self._to(0.5 * self._sde.diffusion(t64) ** 2, x, x.ndim)
+        return (drift - half_g2 * score).to(sample.dtype)
+
+    def prior_log_prob(self, sample: torch.Tensor) -> torch.Tensor:
+        """log-density of the SDE prior at T, N(0, init_noise_sigma^2 I) (sigma_max for VE, 1 for VP / sub-VP).
+
+        Args:
+            sample (`torch.Tensor` of shape `(B, C, H, W)`): x(T).
+
+        Returns:
+            `torch.Tensor` of shape `(B,)` in nats, in the dtype of `sample` (float32 for half inputs).
+        """
+        x = self._upcast(sample)
+        dim, std = x[0].numel(), self._sde.prior_std
+        return -0.5 * dim * math.log(2.0 * math.pi * std**2) - x.flatten(1).square().sum(1) / (2.0 * std**2)
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """EDM's noise level sigma(t) = std(t) / mean_coeff(t) of the continuous marginal (Karras et al. 2022).
+
+        sigma(t) for VE; for VP and sub-VP the noise-to-signal ratio, whose rho-spacing is EDM's grid for them.
+
+        Args:
+            t (`torch.Tensor` of shape `(B,)`): times in [0, T].
+
+        Returns:
+            `torch.Tensor` of shape `(B,)`, float64 on the CPU.
+        """
+        self._check_continuous("`noise_level`")
+        return self._sde.noise_level(self._resolve(t, name="t")[0])
+
+    def time_at_noise_level(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The inverse of `noise_level`: the times (float64 CPU, shape of `sigma`) whose noise level is `sigma`."""
+        self._check_continuous("`time_at_noise_level`")
+        return self._sde.time_at_noise_level(torch.as_tensor(sigma, dtype=torch.float64).cpu())
 
     def sample_training_timesteps(
         self,
