@@ -46,3 +46,19 @@ def test_digits_dataset_is_the_embedded_data():
     assert max(np.asarray(load_digits_dataset()[0]["image"]).ravel()) <= 255
     with pytest.raises(ValueError, match="resolution"):
         load_digits_dataset(resolution=0)
+
+
+def test_digits_split_is_fixed_disjoint_and_complete():
+    from dinof_diffusers.data import digits_images, digits_labels, digits_split_indices
+
+    train, test = digits_split_indices("train"), digits_split_indices("test")
+    assert len(train) == 1500 and len(test) == 297
+    assert np.array_equal(np.union1d(train, test), np.arange(1797)) and len(np.intersect1d(train, test)) == 0
+    # the split must never change between versions (train and evaluate share it): its checksum
+    assert int(test.sum()) == int(digits_split_indices("test").sum()) == 256737
+    assert np.array_equal(digits_images(split="test"), digits_images()[test])
+    assert np.array_equal(digits_labels("train"), digits_labels()[train])
+    assert len(load_digits_dataset(split="test")) == 297 and len(load_digits_dataset()) == 1797
+    assert len(np.unique(digits_labels("test"))) == 10
+    with pytest.raises(ValueError, match="split"):
+        digits_images(split="validation")

@@ -189,8 +189,12 @@ def integrate_rk45(
     f = drift(x, t0)
     step_size, nfe = _initial_step(drift, t0, t1, x, f, rtol, atol)
     nfe += 1
+    # the 7 stage derivatives, stacked so that each combination of them is one contraction
+    stages = x.new_empty((7, *x.shape))
+    tableau_a = [torch.tensor(row, dtype=x.dtype, device=x.device) for row in _DOPRI_A]
+    tableau_b = torch.tensor(_DOPRI_B, dtype=x.dtype, device=x.device)
+    tableau_e = torch.tensor(_DOPRI_E, dtype=x.dtype, device=x.device)
     t, accepted, attempts = t0, 0, 0
-    stages = [None] * 7
     while direction * (t1 - t) > 0:
         if should_stop is not None and should_stop():
             break
@@ -211,14 +215,12 @@ def integrate_rk45(
             step_size = abs(h)
             stages[0] = f
             for s in range(1, 6):
-                increment = sum(a * k for a, k in zip(_DOPRI_A[s], stages[:s]) if a != 0.0)
-                stages[s] = drift(x + h * increment, t + _DOPRI_C[s] * h)
-            x_new = x + h * sum(b * k for b, k in zip(_DOPRI_B, stages[:6]) if b != 0.0)
+                stages[s] = drift(x + h * torch.tensordot(tableau_a[s], stages[:s], dims=1), t + _DOPRI_C[s] * h)
+            x_new = x + h * torch.tensordot(tableau_b, stages[:6], dims=1)
             stages[6] = f_new = drift(x_new, t_new)
             nfe += 6
             scale = atol + torch.maximum(x.abs(), x_new.abs()) * rtol
-            error = h * sum(e * k for e, k in zip(_DOPRI_E, stages) if e != 0.0)
-            error_norm = _rms(error / scale)
+            error_norm = _rms(h * torch.tensordot(tableau_e, stages, dims=1) / scale)
             if not math.isfinite(error_norm):
                 raise RuntimeError(f"rk45: the drift returned non-finite values at t = {t}.")
             if error_norm < 1.0:

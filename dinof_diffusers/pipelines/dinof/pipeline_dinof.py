@@ -1,6 +1,8 @@
 # Copyright 2024 The dinof-diffusers authors. Licensed under the Apache License, Version 2.0.
-"""DiNofPipeline: sample x(t*) with the normalizing flow prior, then run the reverse SDE from t* to eps."""
+"""DiNofPipeline: sample x(t*) with the normalizing flow prior, then run the reverse SDE (or its probability-flow ODE)
+from t* to eps; exact likelihoods and the data <-> latents bijection through the ODE."""
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -18,12 +20,22 @@ from diffusers.utils.torch_utils import randn_tensor
 from ...hub_utils import is_local_path
 from ...models.flow_prior import FlowPriorModel
 from ...models.gaussian_prior import GaussianPriorModel
+from ...schedulers.ode_solvers import check_ode_options, integrate_fixed_steps, integrate_rk45, ode_time_grid
 from ...schedulers.scheduling_dinof import DiNofScheduler
 from ...validation import check_choice, check_generators, check_number, check_positive_int
+from .likelihood import (
+    DiNofLikelihoodOutput,
+    check_images,
+    check_likelihood_options,
+    dequantize_images,
+    integrate_log_density,
+    range_log_det,
+)
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+SAMPLERS = ("pc", "ode")
 # Arguments of `from_pretrained` that only concern downloading; they are handed to `snapshot_download`.
 _DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
 
@@ -79,8 +91,8 @@ class DiNofPipelineOutput(BaseOutput):
         nfe (`int`): the number of score-network evaluations made (the flow pass is not counted).
     """
 
-    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
-    nfe: int
+    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor] = None
+    nfe: int = None
 
 
 class DiNofPipeline(DiffusionPipeline):
@@ -90,14 +102,22 @@ class DiNofPipeline(DiffusionPipeline):
     predictor-corrector sampler of the score SDE then runs only from t* down to eps. Without a flow prior
     (`flow_prior=None` or `use_flow_prior=False`) it is the standard PC sampler from the SDE prior at T.
 
+    Continuous-time models also have a deterministic path: `sampler="ode"` integrates the probability-flow ODE
+    instead of the reverse SDE; `log_likelihood` gives exact log-densities (bits/dim) through the same ODE and the
+    prior's density; `encode` / `decode` map images to the prior's noise and back (flow and ODE are bijections).
+
     Args:
         unet ([`UNet2DModel`]): the score network (or any model with its call, `unet(x, timestep).sample`, and a
             config with `in_channels` and `sample_size`); it returns a score or a noise estimate as the scheduler's
             `prediction_type` says, conditioned on `scheduler.model_timestep(t)`.
         flow_prior ([`FlowPriorModel`] or [`GaussianPriorModel`], *optional*): the prior of x(t*); it always runs in
             float32. A `GaussianPriorModel` must have been fitted for the scheduler's t* and SDE (checked when either
-            component is set and at every call).
-        scheduler ([`DiNofScheduler`]): the SDE and the PC sampler.
+            component is set and at every call). Any model with `sample(batch_size, generator=None, temperature=1.0,
+            noise=None)` (`noise`: standard normal of the image shape) and `log_prob(x) -> (B,)` works; `encode` also
+            needs the inverse of `sample(noise=...)` at temperature 1: `encode(x)` returning that noise (as
+            GaussianPriorModel's), or FlowPriorModel's `encode(x) -> per-level latents` with the element-wise affine
+            `noise_to_latents(noise)`.
+        scheduler ([`DiNofScheduler`]): the SDE, the PC sampler and the probability-flow drift.
     """
 
     model_cpu_offload_seq = "flow_prior->unet"
@@ -177,6 +197,11 @@ class DiNofPipeline(DiffusionPipeline):
         output_type: str,
         image_shape: Optional[Tuple[int, int, int, int]],
         callback_on_step_end_tensor_inputs: List[str],
+        sampler: str = "pc",
+        ode_solver: str = "heun",
+        timestep_spacing: str = "uniform",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
     ) -> None:
         """Raises `ValueError` naming the first bad argument of `__call__`, before any work is done."""
         check_positive_int(batch_size, "batch_size")
@@ -203,6 +228,27 @@ class DiNofPipeline(DiffusionPipeline):
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {unknown}."
             )
+        check_choice(sampler, "sampler", SAMPLERS)
+        check_ode_options(ode_solver, timestep_spacing, rtol, atol)
+        if sampler == "pc" and timestep_spacing != "uniform":
+            raise ValueError("`timestep_spacing` applies to `sampler='ode'` only; the PC sampler's grid is uniform.")
+        if sampler == "ode":
+            self._check_ode_solver(ode_solver, num_inference_steps, timestep_spacing)
+
+    def _check_continuous(self, what: str) -> None:
+        if not self.scheduler.config.continuous:
+            raise ValueError(
+                f"{what} needs a continuous-time model (`scheduler.config.continuous=True`); this pipeline's model is "
+                "discrete (SMLD / DDPM): use the PC sampler."
+            )
+
+    def _check_ode_solver(self, ode_solver, num_inference_steps, timestep_spacing):
+        self._check_continuous("The probability-flow ODE (`sampler='ode'`)")
+        if ode_solver == "rk45" and (num_inference_steps is not None or timestep_spacing != "uniform"):
+            raise ValueError(
+                "`ode_solver='rk45'` chooses its own steps from `rtol` and `atol`: leave `num_inference_steps` None "
+                "and `timestep_spacing` 'uniform' (or use 'heun' / 'euler')."
+            )
 
     def _image_shape(self, batch_size: int) -> Tuple[int, int, int, int]:
         size = self.unet.config.sample_size
@@ -211,6 +257,80 @@ class DiNofPipeline(DiffusionPipeline):
 
     def _model_output(self, sample: torch.Tensor, model_timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.unet(sample.to(dtype), model_timestep).sample
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # the probability-flow ODE
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _ode_dtype(device: torch.device) -> torch.dtype:
+        # the ODE state is float64 as in the published code (tolerances near float32's resolution); MPS has none
+        return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+    def _default_steps(self, use_flow_prior: bool) -> int:
+        """The PC sampler's default number of steps: int(N * flow_start) from t*, N from T."""
+        return self.scheduler.num_flow_steps if use_flow_prior else self.scheduler.config.num_train_timesteps
+
+    def _probability_flow_drift(self):
+        """dx/dt(x, t) = f - 1/2 g^2 score, with one network evaluation (differentiable in x)."""
+        unet_dtype = self.unet.dtype  # looked up once: ModelMixin.dtype walks the parameters
+        scheduler = self.scheduler
+
+        def drift(x: torch.Tensor, t: float) -> torch.Tensor:
+            t64 = torch.tensor(t, dtype=torch.float64)
+            model_timestep = scheduler.model_timestep(t64).to(x.device).expand(x.shape[0])
+            return scheduler.ode_drift(self._model_output(x, model_timestep, unet_dtype), x, t64)
+
+        return drift
+
+    def _probability_flow(
+        self,
+        x: torch.Tensor,
+        t0: float,
+        t1: float,
+        ode_solver: str,
+        num_inference_steps: Optional[int],
+        timestep_spacing: str = "uniform",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=(),
+    ) -> Tuple[torch.Tensor, int]:
+        """Integrates the probability-flow ODE from x(t0) = x to t1 (backwards to sample, forwards to encode).
+
+        Returns:
+            `(x(t1), nfe)`; x keeps its dtype.
+        """
+        drift = self._probability_flow_drift()
+        if ode_solver != "rk45":
+            times = ode_time_grid(self.scheduler, num_inference_steps, max(t0, t1), timestep_spacing)
+            times = times if t0 > t1 else times.flip(0)
+            self._num_timesteps = len(times) - 1
+        steps = [0]
+        # rk45's number of steps is unknown in advance: its bar shows the percentage of [t1, t0] covered
+        total = 100 if ode_solver == "rk45" else len(times) - 1
+        with self.progress_bar(total=total) as progress_bar:
+
+            def step_callback(i, t, state):
+                steps[0] += 1
+                progress_bar.update(100 * abs(t - t0) / abs(t1 - t0) - progress_bar.n if ode_solver == "rk45" else 1)
+                if callback_on_step_end is None:
+                    return None
+                tensors = {"latents": state, "latents_mean": state}
+                t = torch.tensor(t, dtype=torch.float64)
+                kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                outputs = callback_on_step_end(self, i, t, kwargs)
+                return outputs.pop("latents", outputs.pop("latents_mean", None))
+
+            def should_stop():
+                return self.interrupt
+
+            if ode_solver == "rk45":
+                x, nfe = integrate_rk45(drift, x, t0, t1, rtol, atol, step_callback, should_stop)
+                self._num_timesteps = steps[0]
+            else:
+                x, nfe = integrate_fixed_steps(drift, x, times, ode_solver, step_callback, should_stop)
+        return x, nfe
 
     @torch.no_grad()
     def __call__(
@@ -230,17 +350,25 @@ class DiNofPipeline(DiffusionPipeline):
             ]
         ] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        sampler: str = "pc",
+        ode_solver: str = "heun",
+        timestep_spacing: str = "uniform",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
     ) -> Union[DiNofPipelineOutput, Tuple]:
         """Generates images.
 
-        For each t of `scheduler.timesteps` (linspace(t*, eps, int(N * flow_start)) by default): `correct_steps`
-        corrector steps, then one predictor step; the output is the last predictor's mean, clamped to the data range
-        and mapped to [0, 1].
+        `sampler="pc"` (SPEC's algorithm): for each t of `scheduler.timesteps` (linspace(t*, eps, int(N * flow_start))
+        by default): `correct_steps` corrector steps, then one predictor step; the output is the last predictor's
+        mean. `sampler="ode"` (continuous-time models): the probability-flow ODE dx/dt = f - 1/2 g^2 score from the
+        start time down to eps, deterministic given the start; the output is the ODE's state at eps (no noise-removal
+        step). Either output is clamped to the data range and mapped to [0, 1].
 
         Args:
             batch_size (`int`, defaults to 1): B, the number of images.
             num_inference_steps (`int`, *optional*): reverse steps; default int(N * flow_start) with the flow prior,
-                N without it. Fewer steps give a coarser grid (see `DiNofScheduler.set_timesteps`).
+                N without it. Fewer steps give a coarser grid (see `DiNofScheduler.set_timesteps`). For the ODE the
+                number of heun / euler steps (n + 1 grid points; the same default); rk45 chooses its own (leave None).
             generator (`torch.Generator` or a list of B of them, *optional*): the random source of the prior noise
                 and of every step (a list gives each sample its own stream).
             latents (`torch.Tensor` of shape `(B, C, H, W)`, *optional*): the standard normal noise of the prior:
@@ -259,9 +387,19 @@ class DiNofPipeline(DiffusionPipeline):
                 holds the tensors named in `callback_on_step_end_tensor_inputs` ("latents": the current x, "latents_mean":
                 the last mean), and those it returns replace them.
             callback_on_step_end_tensor_inputs (`List[str]`, defaults to `["latents"]`): see above.
+            sampler (`str`, defaults to `"pc"`): `"pc"`, the predictor-corrector sampler of the reverse SDE, or
+                `"ode"`, the probability-flow ODE. With the ODE the callback runs after every solver step (i counts
+                them, t is the step's end time as a float64 tensor) and "latents" / "latents_mean" are both the
+                ODE's state (float64); `interrupt` stops the integration where it is.
+            ode_solver (`str`, defaults to `"heun"`): `"heun"` (EDM's second-order steps, the last one Euler:
+                NFE 2n - 1), `"euler"` (NFE n) or `"rk45"` (adaptive Dormand-Prince, `rtol` / `atol`).
+            timestep_spacing (`str`, defaults to `"uniform"`): the heun / euler grid: `"uniform"` in t (the PC
+                sampler's) or `"karras"` (EDM's rho = 7 spacing of the noise level std / mean_coeff: better with few
+                steps).
+            rtol (`float`, defaults to 1e-5), atol (`float`, defaults to 1e-5): rk45's tolerances (published values).
 
         Returns:
-            `DiNofPipelineOutput` or `(images, nfe)`.
+            `DiNofPipelineOutput` or `(images, nfe)`; `nfe` counts every network evaluation of the sampler.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -277,15 +415,21 @@ class DiNofPipeline(DiffusionPipeline):
             output_type,
             image_shape,
             callback_on_step_end_tensor_inputs,
+            sampler,
+            ode_solver,
+            timestep_spacing,
+            rtol,
+            atol,
         )
         self._interrupt = False
         device = self._execution_device
         scheduler = self.scheduler
 
         # 1. the time grid: linspace(t*, eps, n) with the flow prior, linspace(T, eps, n) without
-        scheduler.set_timesteps(num_inference_steps, device=device, use_flow_prior=use_flow_prior)
-        timesteps = scheduler.timesteps
-        self._num_timesteps = len(timesteps)
+        if sampler == "pc":
+            scheduler.set_timesteps(num_inference_steps, device=device, use_flow_prior=use_flow_prior)
+            timesteps = scheduler.timesteps
+            self._num_timesteps = len(timesteps)
 
         # 2. the start: x(t*) from the flow (in float32), or x(T) from the SDE prior; the state stays in float32
         if prior_sample is not None:
@@ -306,41 +450,58 @@ class DiNofPipeline(DiffusionPipeline):
             )
         sample_mean = sample
 
-        # 3. the reverse SDE: for each t, corrector steps, then the predictor
-        unet_dtype = self.unet.dtype  # looked up once: ModelMixin.dtype walks the parameters
-        correct_steps = scheduler.config.correct_steps if scheduler.config.corrector != "none" else 0
-        use_predictor_model = scheduler.config.predictor != "none"
-        nfe = 0
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                model_timestep = scheduler.model_timestep(t).expand(batch_size)
+        # 3. from the start time down to eps: the probability-flow ODE (its state at eps is the output) ...
+        if sampler == "ode":
+            start = scheduler.t_star if use_flow_prior else scheduler.T
+            sample_mean, nfe = self._probability_flow(
+                sample.to(self._ode_dtype(device)),
+                start,
+                scheduler.sampling_eps,
+                ode_solver,
+                num_inference_steps if num_inference_steps is not None else self._default_steps(use_flow_prior),
+                timestep_spacing,
+                rtol,
+                atol,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+            )
+            sample_mean = sample_mean.float()
+        else:
+            # ... or the reverse SDE: for each t, corrector steps, then the predictor
+            unet_dtype = self.unet.dtype  # looked up once: ModelMixin.dtype walks the parameters
+            correct_steps = scheduler.config.correct_steps if scheduler.config.corrector != "none" else 0
+            use_predictor_model = scheduler.config.predictor != "none"
+            nfe = 0
+            with self.progress_bar(total=len(timesteps)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    model_timestep = scheduler.model_timestep(t).expand(batch_size)
 
-                for _ in range(correct_steps):
-                    model_output = self._model_output(sample, model_timestep, unet_dtype)
-                    nfe += 1
-                    sample, sample_mean = scheduler.step_correct(
+                    for _ in range(correct_steps):
+                        model_output = self._model_output(sample, model_timestep, unet_dtype)
+                        nfe += 1
+                        sample, sample_mean = scheduler.step_correct(
+                            model_output, t, sample, generator=generator, return_dict=False
+                        )
+
+                    model_output = None
+                    if use_predictor_model:
+                        model_output = self._model_output(sample, model_timestep, unet_dtype)
+                        nfe += 1
+                    sample, sample_mean = scheduler.step_pred(
                         model_output, t, sample, generator=generator, return_dict=False
                     )
 
-                model_output = None
-                if use_predictor_model:
-                    model_output = self._model_output(sample, model_timestep, unet_dtype)
-                    nfe += 1
-                sample, sample_mean = scheduler.step_pred(
-                    model_output, t, sample, generator=generator, return_dict=False
-                )
+                    if callback_on_step_end is not None:
+                        tensors = {"latents": sample, "latents_mean": sample_mean}
+                        callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                        sample = callback_outputs.pop("latents", sample)
+                        sample_mean = callback_outputs.pop("latents_mean", sample_mean)
+                    progress_bar.update()
 
-                if callback_on_step_end is not None:
-                    tensors = {"latents": sample, "latents_mean": sample_mean}
-                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    sample = callback_outputs.pop("latents", sample)
-                    sample_mean = callback_outputs.pop("latents_mean", sample_mean)
-                progress_bar.update()
-
-        # 4. noise removal: the last mean, clamped to the data range and mapped to [0, 1]
+        # 4. noise removal (PC: the last mean), clamped to the data range and mapped to [0, 1]
         low, high = scheduler.data_range
         image = (sample_mean.clamp(low, high) - low) / (high - low)
         if output_type != "pt":
@@ -353,3 +514,199 @@ class DiNofPipeline(DiffusionPipeline):
         if not return_dict:
             return (image, nfe)
         return DiNofPipelineOutput(images=image, nfe=nfe)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # likelihood and the data <-> latents bijection (continuous-time models)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _check_prior(self, use_flow_prior: bool) -> None:
+        if not isinstance(use_flow_prior, bool):
+            raise ValueError(f"`use_flow_prior` must be a bool, got {use_flow_prior!r}.")
+        if use_flow_prior and self.flow_prior is None:
+            raise ValueError("`use_flow_prior=True` needs a `flow_prior` component; pass `use_flow_prior=False`.")
+
+    def _to_data_range(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] -> the model's data range, in the ODE's dtype on the execution device."""
+        device = self._execution_device
+        low, high = self.scheduler.data_range
+        return low + (high - low) * images.to(device=device, dtype=self._ode_dtype(device))
+
+    def _flow_float32(self):
+        if self.flow_prior.dtype != torch.float32:
+            logger.warning("The flow prior runs in float32; casting it from %s.", self.flow_prior.dtype)
+            self.flow_prior.to(dtype=torch.float32)
+        return self.flow_prior
+
+    def log_likelihood(
+        self,
+        images: torch.Tensor,
+        num_bits: Optional[int] = 8,
+        dequantize: bool = True,
+        use_flow_prior: bool = True,
+        trace_estimator: str = "rademacher",
+        generator: Optional[torch.Generator] = None,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        batch_size: Optional[int] = None,
+        return_dict: bool = True,
+    ) -> Union[DiNofLikelihoodOutput, Tuple]:
+        """Exact log-likelihood (and bits/dim) of images under the probability-flow ODE and the prior.
+
+        The images are dequantized ((x (2^b - 1) + u) / 2^b, u ~ U(0, 1), as the published code), mapped to the data
+        range (VP / sub-VP: 2x - 1, log-det D ln 2), and carried by the ODE from eps up to t* (the flow prior) or T
+        (the SDE prior) with the instantaneous change of variables (see `likelihood.py`); log p = prior log-density
+        at the end + the ODE's log-det + the range map's. rk45 (`rtol`, `atol`) integrates each batch; its steps are
+        shared by the batch, so a value depends slightly on the batch it was computed in (as published).
+
+        Args:
+            images (`torch.Tensor` of shape `(B, C, H, W)`): the model's channels and size, values in [0, 1]
+                (`output_type="pt"` images, or a data set's).
+            num_bits (`int`, *optional*, defaults to 8): b, the bit depth of the data; `None` for continuous data.
+            dequantize (`bool`, defaults to `True`): add uniform dequantization noise (needs `num_bits`).
+            use_flow_prior (`bool`, defaults to `True`): the flow prior at t* (DiNof), or the SDE prior at T.
+            trace_estimator (`str`, defaults to `"rademacher"`): `"rademacher"` or `"gaussian"` (Hutchinson, one
+                probe per image for the whole integration), or `"exact"` (D <= 64 only: analytic models, tests).
+            generator (`torch.Generator`, *optional*): the source of the dequantization noise (drawn first, for all
+                images) and of the probes (one batch after another).
+            rtol (`float`, defaults to 1e-5), atol (`float`, defaults to 1e-5): rk45's tolerances (published).
+            batch_size (`int`, *optional*): images per ODE solve; all at once by default.
+            return_dict (`bool`, defaults to `True`): return a `DiNofLikelihoodOutput` rather than a tuple.
+
+        Returns:
+            `DiNofLikelihoodOutput` or `(log_prob, bits_per_dim, prior_log_prob, delta_log_prob, nfe)`; tensors of
+            shape `(B,)`, float64 on the CPU.
+        """
+        image_shape = self._image_shape(1)[1:]
+        check_images(images, image_shape)
+        dim = images[0].numel()
+        check_likelihood_options(num_bits, dequantize, trace_estimator, generator, batch_size, dim)
+        check_ode_options("rk45", "uniform", rtol, atol)
+        self._check_continuous("The likelihood")
+        self._check_prior(use_flow_prior)
+        self._interrupt = False
+
+        scheduler = self.scheduler
+        images = dequantize_images(images, num_bits, generator) if dequantize else images
+        x = self._to_data_range(images)
+        end = scheduler.t_star if use_flow_prior else scheduler.T
+        drift = self._probability_flow_drift()
+        prior_log_probs, delta_log_probs, nfe = [], [], 0
+        chunks = x.split(batch_size or len(x))
+        with self.progress_bar(total=len(chunks)) as progress_bar:
+            for chunk in chunks:
+                x_end, delta, chunk_nfe = integrate_log_density(
+                    drift, chunk, scheduler.sampling_eps, end, trace_estimator, generator, rtol, atol
+                )
+                with torch.no_grad():
+                    if use_flow_prior:
+                        prior = self._flow_float32().log_prob(x_end.to(torch.float32))
+                    else:
+                        prior = scheduler.prior_log_prob(x_end)
+                prior_log_probs.append(prior.detach().to("cpu", torch.float64))
+                delta_log_probs.append(delta.detach().to("cpu", torch.float64))
+                nfe += chunk_nfe
+                progress_bar.update()
+        prior_log_prob, delta_log_prob = torch.cat(prior_log_probs), torch.cat(delta_log_probs)
+        log_prob = prior_log_prob + delta_log_prob + range_log_det(scheduler.data_range, dim)
+        bits_per_dim = -log_prob / (dim * math.log(2.0)) + (num_bits or 0)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (log_prob, bits_per_dim, prior_log_prob, delta_log_prob, nfe)
+        return DiNofLikelihoodOutput(
+            log_prob=log_prob,
+            bits_per_dim=bits_per_dim,
+            prior_log_prob=prior_log_prob,
+            delta_log_prob=delta_log_prob,
+            nfe=nfe,
+        )
+
+    def _prior_noise(self, sample: torch.Tensor) -> torch.Tensor:
+        """The standard normal noise that `flow_prior.sample(noise=...)` (temperature 1) maps to `sample`."""
+        prior = self._flow_float32()
+        if hasattr(prior, "sample_to_noise"):
+            return prior.sample_to_noise(sample)
+        if not (hasattr(prior, "encode") and hasattr(prior, "noise_to_latents")):
+            raise ValueError(
+                f"`encode` needs a prior with `sample_to_noise(x)`, or `encode(x)` and `noise_to_latents(noise)`; "
+                f"{type(prior).__name__} has neither."
+            )
+        # noise_to_latents is element-wise affine, z = mean + sigma * noise: read mean and sigma off it
+        offset = prior.noise_to_latents(torch.zeros_like(sample))
+        scale = [one - zero for one, zero in zip(prior.noise_to_latents(torch.ones_like(sample)), offset)]
+        pieces = [((z - zero) / s).flatten(1) for z, zero, s in zip(prior.encode(sample), offset, scale)]
+        return torch.cat(pieces, dim=1).view_as(sample)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        images: torch.Tensor,
+        use_flow_prior: bool = True,
+        ode_solver: str = "rk45",
+        num_inference_steps: Optional[int] = None,
+        timestep_spacing: str = "uniform",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+    ) -> torch.Tensor:
+        """Images -> the prior's standard normal noise: the ODE from eps up to t* (or T), then the prior's inverse.
+
+        The inverse of `decode` (to the solver's accuracy; use rk45 with tight tolerances for a close round trip).
+        The result is what `__call__(latents=...)` takes: with the flow, the noise that `flow_prior.sample(noise=...)`
+        maps to x(t*); without it, x(T) / init_noise_sigma.
+
+        Args:
+            images (`torch.Tensor` of shape `(B, C, H, W)`): values in [0, 1], not dequantized.
+            use_flow_prior, ode_solver, num_inference_steps, timestep_spacing, rtol, atol: as for `__call__`.
+
+        Returns:
+            `torch.Tensor` of shape `(B, C, H, W)`, float32.
+        """
+        check_images(images, self._image_shape(1)[1:])
+        self._check_prior(use_flow_prior)
+        check_ode_options(ode_solver, timestep_spacing, rtol, atol)
+        self._check_ode_solver(ode_solver, num_inference_steps, timestep_spacing)
+        self._interrupt = False
+        scheduler = self.scheduler
+        end = scheduler.t_star if use_flow_prior else scheduler.T
+        steps = num_inference_steps if num_inference_steps is not None else self._default_steps(use_flow_prior)
+        x_end, _ = self._probability_flow(
+            self._to_data_range(images), scheduler.sampling_eps, end, ode_solver, steps, timestep_spacing, rtol, atol
+        )
+        if use_flow_prior:
+            noise = self._prior_noise(x_end.to(torch.float32))
+        else:
+            noise = x_end / scheduler.init_noise_sigma
+        return noise.to(torch.float32)
+
+    def decode(
+        self,
+        latents: torch.Tensor,
+        use_flow_prior: bool = True,
+        ode_solver: str = "rk45",
+        num_inference_steps: Optional[int] = None,
+        timestep_spacing: str = "uniform",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+    ) -> torch.Tensor:
+        """The prior's noise -> images: `__call__(latents=latents, sampler="ode", output_type="pt")`.
+
+        Args:
+            latents (`torch.Tensor` of shape `(B, C, H, W)`): standard normal noise (e.g. from `encode`).
+            use_flow_prior, ode_solver, num_inference_steps, timestep_spacing, rtol, atol: as for `__call__`.
+
+        Returns:
+            `torch.Tensor` of shape `(B, C, H, W)`, float32 in [0, 1].
+        """
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+            raise ValueError(f"`latents` must be a tensor of shape {self._image_shape(1)}, got {type(latents)}.")
+        return self(
+            batch_size=latents.shape[0],
+            num_inference_steps=num_inference_steps,
+            latents=latents,
+            use_flow_prior=use_flow_prior,
+            output_type="pt",
+            sampler="ode",
+            ode_solver=ode_solver,
+            timestep_spacing=timestep_spacing,
+            rtol=rtol,
+            atol=atol,
+        ).images
