@@ -14,6 +14,11 @@ Ratios (one line each, `ratio <name> = <value>`):
 - `dinof_over_baseline`: wall time of DiNof (flow prior, then int(0.6 N) steps) / wall time of the baseline (N steps),
   same UNet, batch and N (1000 in the full mode). The ideal is NFE ratio (0.6) + one flow pass / baseline wall,
   printed beside it.
+- `ode_heun_overhead`: wall time of the probability-flow ODE sampler (`sampler="ode"`, heun, `ode_heun_steps` steps
+  from the flow prior's x(t*)) / (NFE x the bare UNet forward); target <= 1.05. The flow pass is included (it is
+  small beside the steps).
+- `ode_rk45_overhead`: the same for rk45 at rtol = atol = `ode_rk45_tolerance` (1e-5, published; its NFE beside it):
+  the adaptive solver's own work per network evaluation (error norms in float64, step control).
 - `flow_log_prob_vs_normflows`, `flow_sample_vs_normflows`: `FlowPriorModel.log_prob` / `sample` time over the same
   call of normflows 1.7.3's `MultiscaleFlow` of `GlowBlock`s in the published DiNof layout (docs/DESIGN.md, "The
   Glow flow prior"), with identical weights: the FlowPriorModel is built from the normflows state dict with
@@ -67,6 +72,8 @@ FULL = {
     "unet_channels": 3,
     "unet_batch": 16,
     "num_train_timesteps": 1000,
+    "ode_heun_steps": 50,
+    "ode_rk45_tolerance": 1e-5,
     "forwards_per_timing": 100,
     "flow_resolution": 32,
     "flow_channels": 3,
@@ -82,6 +89,8 @@ QUICK = {
     **FULL,
     "unet_batch": 4,
     "num_train_timesteps": 20,
+    "ode_heun_steps": 5,
+    "ode_rk45_tolerance": 1e-2,
     "forwards_per_timing": 5,
     "flow_resolution": 8,
     "flow_levels": 2,
@@ -213,17 +222,19 @@ def sampler_ratios(config: dict, device: torch.device, results: Dict[str, dict])
     sample = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
     model_timestep = pipeline.scheduler.model_timestep(torch.full((batch,), 0.5)).to(device)
     forwards = config["forwards_per_timing"]
+    tolerance = config["ode_rk45_tolerance"]
     nfe = {}
 
-    def run_pipeline(use_flow_prior):
+    def run_pipeline(use_flow_prior, name=None, **sampler_kwargs):
         def call():
             output = pipeline(
                 batch_size=batch,
                 generator=torch.Generator().manual_seed(0),
                 use_flow_prior=use_flow_prior,
                 output_type="pt",
+                **sampler_kwargs,
             )
-            nfe[use_flow_prior] = output.nfe
+            nfe[use_flow_prior if name is None else name] = output.nfe
 
         return call
 
@@ -245,6 +256,12 @@ def sampler_ratios(config: dict, device: torch.device, results: Dict[str, dict])
         {
             "baseline": run_pipeline(False),
             "dinof": run_pipeline(True),
+            "ode_heun": run_pipeline(
+                True, "ode_heun", sampler="ode", ode_solver="heun", num_inference_steps=config["ode_heun_steps"]
+            ),
+            "ode_rk45": run_pipeline(
+                True, "ode_rk45", sampler="ode", ode_solver="rk45", rtol=tolerance, atol=tolerance
+            ),
             "unet_forwards": unet_forwards,
             "flow_sample": flow_sample,
         },
@@ -282,6 +299,19 @@ def sampler_ratios(config: dict, device: torch.device, results: Dict[str, dict])
         flow_pass_seconds=flow,
         times={name: times[name] for name in ("dinof", "baseline", "flow_sample")},
     )
+    for solver in ("heun", "rk45"):
+        name = f"ode_{solver}"
+        report_ratio(
+            results,
+            f"{name}_overhead",
+            medians[name] / (nfe[name] * forward),
+            f"ODE sampler ({solver}) wall / (NFE x bare UNet forward); limit 1.0"
+            + ("" if solver == "rk45" else ", target <= 1.05"),
+            cpu_ratio=cpu[name] / (nfe[name] * cpu["unet_forwards"] / forwards),
+            nfe=nfe[name],
+            pipeline_seconds=medians[name],
+            times={name: times[name]},
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -471,14 +501,16 @@ def parse_args(argv=None):
     )
     sizes = parser.add_argument_group("sizes (default: the full mode's, or --quick's)")
     for key, value in FULL.items():
-        kind = str if isinstance(value, str) else int
+        kind = str if isinstance(value, str) else type(value)
         sizes.add_argument(f"--{key}", type=kind, default=None, help=f"full {value}, quick {QUICK[key]}")
     args = parser.parse_args(argv)
     config = dict(QUICK if args.quick else FULL)
     for key in FULL:
         value = getattr(args, key)
         if value is not None:
-            if not isinstance(value, str) and value < (0 if key == "warmup" else 1):
+            if isinstance(value, float) and not value > 0:
+                parser.error(f"--{key} must be > 0, got {value}.")
+            if isinstance(value, int) and value < (0 if key == "warmup" else 1):
                 parser.error(f"--{key} must be {'>= 0' if key == 'warmup' else '>= 1'}, got {value}.")
             config[key] = value
     if config["flow_resolution"] % 2 ** config["flow_levels"]:

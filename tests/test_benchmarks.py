@@ -22,6 +22,8 @@ RATIO_LINE = re.compile(r"^ratio (\w+) = (\S+)", re.MULTILINE)
 PERF_RATIOS = {
     "pipeline_overhead",
     "dinof_over_baseline",
+    "ode_heun_overhead",
+    "ode_rk45_overhead",
     "flow_log_prob_vs_normflows",
     "flow_sample_vs_normflows",
     "flow_train_step_vs_normflows",
