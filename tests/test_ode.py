@@ -21,9 +21,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from scipy.integrate import solve_ivp
 
-from dinof_diffusers import DiNofPipeline, DiNofScheduler, FlowPriorModel
+from dinof_diffusers import DiNofLikelihoodOutput, DiNofPipeline, DiNofScheduler, FlowPriorModel
 from dinof_diffusers.data import digits_images
-from dinof_diffusers.pipelines.dinof.likelihood import DiNofLikelihoodOutput, dequantize_images
+from dinof_diffusers.pipelines.dinof.likelihood import dequantize_images
 from dinof_diffusers.schedulers.ode_solvers import integrate_fixed_steps, integrate_rk45, ode_time_grid
 
 GAUSSIAN = {"ve": (0.5, 0.1), "vp": (0.1, 0.2), "subvp": (0.1, 0.2)}  # (mu, s), far inside the data range

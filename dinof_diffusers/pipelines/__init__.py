@@ -1,3 +1,3 @@
-from .dinof import DiNofPipeline, DiNofPipelineOutput
+from .dinof import DiNofLikelihoodOutput, DiNofPipeline, DiNofPipelineOutput
 
-__all__ = ["DiNofPipeline", "DiNofPipelineOutput"]
+__all__ = ["DiNofLikelihoodOutput", "DiNofPipeline", "DiNofPipelineOutput"]

@@ -1,3 +1,4 @@
+from .likelihood import DiNofLikelihoodOutput
 from .pipeline_dinof import DiNofPipeline, DiNofPipelineOutput
 
-__all__ = ["DiNofPipeline", "DiNofPipelineOutput"]
+__all__ = ["DiNofLikelihoodOutput", "DiNofPipeline", "DiNofPipelineOutput"]

@@ -91,8 +91,8 @@ class DiNofPipelineOutput(BaseOutput):
         nfe (`int`): the number of score-network evaluations made (the flow pass is not counted).
     """
 
-    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor] = None
-    nfe: int = None
+    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
+    nfe: int
 
 
 class DiNofPipeline(DiffusionPipeline):
