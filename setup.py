@@ -27,8 +27,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "normflows==1.7.3", "matplotlib"],
-        "dev": ["pytest>=7", "normflows==1.7.3", "matplotlib", "ruff"],
+        # scipy: the tests check the rk45 solver against scipy.integrate.solve_ivp (the published code's solver)
+        "test": ["pytest>=7", "normflows==1.7.3", "matplotlib", "scipy"],
+        "dev": ["pytest>=7", "normflows==1.7.3", "matplotlib", "scipy", "ruff"],
     },
     entry_points={
         "console_scripts": [

@@ -6,7 +6,8 @@ probability-flow ODE from x(eps) = x up to t_end (t* with the flow prior, T with
 change of variables (Chen et al. 2018) of Song et al. (2021). The state and the running log-determinant are integrated
 together (one augmented ODE) by `integrate_rk45`. The divergence is estimated by Hutchinson-Skilling with one probe
 per integration (the published code's choice: a fixed probe makes the integrand smooth in t), Rademacher or Gaussian,
-or computed exactly with one backward pass per dimension (small images: the tests' reference).
+or computed exactly by probing with each of the D basis vectors (D copies of the batch in one network pass and one
+backward pass: small images only, the tests' reference).
 """
 
 import math
