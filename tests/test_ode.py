@@ -23,6 +23,7 @@ from scipy.integrate import solve_ivp
 
 from dinof_diffusers import DiNofLikelihoodOutput, DiNofPipeline, DiNofScheduler, FlowPriorModel
 from dinof_diffusers.data import digits_images
+from dinof_diffusers.models.gaussian_prior import GaussianPriorModel, ImageMoments
 from dinof_diffusers.pipelines.dinof.likelihood import dequantize_images
 from dinof_diffusers.schedulers.ode_solvers import integrate_fixed_steps, integrate_rk45, ode_time_grid
 
@@ -389,6 +390,31 @@ def test_encode_and_decode_are_inverse(sde_type, use_flow_prior):
     decoded = pipe.decode(noise, use_flow_prior=use_flow_prior, **tolerances)
     round_trip = pipe.encode(decoded, use_flow_prior=use_flow_prior, **tolerances)
     torch.testing.assert_close(round_trip, noise, rtol=0, atol=1e-4)
+
+
+def test_the_exact_gaussian_prior_gives_the_data_density_and_its_latents():
+    """With the exact marginal at t* as a GaussianPriorModel, log_likelihood is the data's own density at eps,
+    log N(x; m(eps) mu, v(eps) I) (+ D ln 2), and encode gives its standardised noise (x - m(eps) mu) / sqrt(v(eps))."""
+    sde_type = "vp"
+    pipe = analytic_pipeline(sde_type, flow=False)
+    mu, s = GAUSSIAN[sde_type]
+    dim = SIZE * SIZE
+    moments = ImageMoments(
+        mean=torch.full((dim,), mu, dtype=torch.float64),
+        variances=torch.full((dim,), s**2, dtype=torch.float64),
+        num_images=1,
+        image_shape=(1, SIZE, SIZE),
+    )
+    pipe.flow_prior = GaussianPriorModel.from_moments(moments, pipe.scheduler, covariance="diagonal")
+    images = gaussian_images(sde_type, 3)
+    x_eps = 2.0 * images.double() - 1.0
+    m_eps, v_eps = variance(sde_type, pipe.scheduler.sampling_eps)
+    expected = torch.distributions.Normal(m_eps * mu, math.sqrt(v_eps)).log_prob(x_eps).flatten(1).sum(1)
+    output = pipe.log_likelihood(images, num_bits=None, dequantize=False, trace_estimator="exact")
+    torch.testing.assert_close(output.log_prob, expected + dim * math.log(2.0), rtol=1e-4, atol=0)
+    latents = pipe.encode(images, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(latents.double(), (x_eps - m_eps * mu) / math.sqrt(v_eps), rtol=0, atol=1e-4)
+    torch.testing.assert_close(pipe.decode(latents, rtol=1e-7, atol=1e-7), images, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

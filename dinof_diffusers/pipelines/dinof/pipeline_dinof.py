@@ -623,17 +623,18 @@ class DiNofPipeline(DiffusionPipeline):
     def _prior_noise(self, sample: torch.Tensor) -> torch.Tensor:
         """The standard normal noise that `flow_prior.sample(noise=...)` (temperature 1) maps to `sample`."""
         prior = self._flow_float32()
-        if hasattr(prior, "sample_to_noise"):
-            return prior.sample_to_noise(sample)
-        if not (hasattr(prior, "encode") and hasattr(prior, "noise_to_latents")):
+        encoded = prior.encode(sample) if hasattr(prior, "encode") else None
+        if isinstance(encoded, torch.Tensor):  # GaussianPriorModel: encode is the inverse of sample(noise=...)
+            return encoded
+        if encoded is None or not hasattr(prior, "noise_to_latents"):
             raise ValueError(
-                f"`encode` needs a prior with `sample_to_noise(x)`, or `encode(x)` and `noise_to_latents(noise)`; "
-                f"{type(prior).__name__} has neither."
+                f"`encode` needs a prior whose `encode(x)` returns the noise of `sample(noise=...)`, or per-level "
+                f"latents with a `noise_to_latents(noise)` (FlowPriorModel); {type(prior).__name__} has neither."
             )
-        # noise_to_latents is element-wise affine, z = mean + sigma * noise: read mean and sigma off it
+        # FlowPriorModel: noise_to_latents is element-wise affine, z = mean + sigma * noise: read mean and sigma off it
         offset = prior.noise_to_latents(torch.zeros_like(sample))
         scale = [one - zero for one, zero in zip(prior.noise_to_latents(torch.ones_like(sample)), offset)]
-        pieces = [((z - zero) / s).flatten(1) for z, zero, s in zip(prior.encode(sample), offset, scale)]
+        pieces = [((z - zero) / s).flatten(1) for z, zero, s in zip(encoded, offset, scale)]
         return torch.cat(pieces, dim=1).view_as(sample)
 
     @torch.no_grad()
