@@ -23,6 +23,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from ..validation import check_choice, check_number, check_positive_int
+
 ODE_SOLVERS = ("rk45", "heun", "euler")
 TIMESTEP_SPACINGS = ("uniform", "karras")
 KARRAS_RHO = 7.0
@@ -49,13 +51,10 @@ _SAFETY, _MIN_FACTOR, _MAX_FACTOR = 0.9, 0.2, 10.0
 
 def check_ode_options(ode_solver: str, timestep_spacing: str, rtol: float, atol: float) -> None:
     """Raises `ValueError` for an unknown solver or spacing, or tolerances that are not finite numbers > 0."""
-    if ode_solver not in ODE_SOLVERS:
-        raise ValueError(f"`ode_solver` must be one of {list(ODE_SOLVERS)}, got {ode_solver!r}.")
-    if timestep_spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"`timestep_spacing` must be one of {list(TIMESTEP_SPACINGS)}, got {timestep_spacing!r}.")
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+    check_choice(ode_solver, "ode_solver", ODE_SOLVERS)
+    check_choice(timestep_spacing, "timestep_spacing", TIMESTEP_SPACINGS)
+    check_number(rtol, "rtol", minimum=0.0, exclusive_minimum=True)
+    check_number(atol, "atol", minimum=0.0, exclusive_minimum=True)
 
 
 def ode_time_grid(scheduler, num_steps: int, start: float, spacing: str = "uniform") -> torch.Tensor:
@@ -71,8 +70,7 @@ def ode_time_grid(scheduler, num_steps: int, start: float, spacing: str = "unifo
     Returns:
         `torch.Tensor` of shape `(n + 1,)`, float64 on the CPU, decreasing, first `start` and last eps exactly.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_steps!r}.")
+    check_positive_int(num_steps, "num_inference_steps")
     eps = scheduler.sampling_eps
     if spacing == "uniform":
         return torch.linspace(start, eps, num_steps + 1, dtype=torch.float64)

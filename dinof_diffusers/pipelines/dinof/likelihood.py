@@ -18,6 +18,7 @@ import torch
 from diffusers.utils import BaseOutput
 
 from ...schedulers.ode_solvers import integrate_rk45
+from ...validation import check_choice, check_positive_int
 
 TRACE_ESTIMATORS = ("rademacher", "gaussian", "exact")
 # "exact" evaluates the network on D copies of the batch: meant for analytic test models and tiny images.
@@ -62,14 +63,12 @@ def check_images(images, expected_shape: Tuple[int, int, int], name: str = "imag
 
 def check_likelihood_options(num_bits, dequantize, trace_estimator, generator, batch_size, dim: int) -> None:
     """Raises `ValueError` for arguments of `DiNofPipeline.log_likelihood` that it cannot use."""
-    if num_bits is not None and (isinstance(num_bits, bool) or not isinstance(num_bits, int) or num_bits < 1):
-        raise ValueError(f"`num_bits` must be None or an integer >= 1, got {num_bits!r}.")
+    check_positive_int(num_bits, "num_bits", allow_none=True)
     if not isinstance(dequantize, bool):
         raise ValueError(f"`dequantize` must be a bool, got {dequantize!r}.")
     if dequantize and num_bits is None:
         raise ValueError("`dequantize=True` needs `num_bits` (the bit depth of the data); pass dequantize=False.")
-    if trace_estimator not in TRACE_ESTIMATORS:
-        raise ValueError(f"`trace_estimator` must be one of {list(TRACE_ESTIMATORS)}, got {trace_estimator!r}.")
+    check_choice(trace_estimator, "trace_estimator", TRACE_ESTIMATORS)
     if trace_estimator == "exact" and dim > EXACT_TRACE_MAX_DIM:
         raise ValueError(
             f"`trace_estimator='exact'` costs one network pass per dimension and is limited to D <= "
@@ -78,8 +77,7 @@ def check_likelihood_options(num_bits, dequantize, trace_estimator, generator, b
         )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be None or one torch.Generator, got {type(generator)}.")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"`batch_size` must be None or an integer >= 1, got {batch_size!r}.")
+    check_positive_int(batch_size, "batch_size", allow_none=True)
 
 
 def _random(kind: str, shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
