@@ -1,0 +1,739 @@
+#!/usr/bin/env python
+"""DiNof in the browser: sample a DiNof pipeline, see what it costs beside the baseline, watch x(t*) become an image.
+
+    make app                                            # the pipeline of `make demo` (trained first if missing)
+    python app.py --pipeline org/name --port 7860       # any saved DiNofPipeline: a folder or a Hub id
+    python app.py --pipeline out --dataset_name cifar10 # also plot the data's x(t*) beside the prior's
+
+A Hugging Face Space runs this file as is (see README.md, "A web demo"). Nothing leaves the machine: Gradio's analytics
+and version check are off, and the page loads no fonts or scripts from elsewhere.
+"""
+
+import argparse
+import io
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+# Before gradio is imported: its analytics and its version check (a request to api.gradio.app) read this.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dinof_diffusers import DiNofPipeline, DiNofScheduler  # noqa: E402
+from dinof_diffusers.image_utils import image_grid  # noqa: E402
+from dinof_diffusers.schedulers.scheduling_dinof import LANGEVIN_NORMS  # noqa: E402
+
+TITLE = "DiNof: diffusion from a normalizing-flow prior"
+DEFAULT_PIPELINE = os.environ.get("DINOF_PIPELINE", "outputs/demo/pipeline")
+MAX_IMAGES = 64
+MAX_TEMPERATURE = 2.0
+DEFAULT_STEPS = 200  # N of a click; at most the scheduler's num_train_timesteps (the published N is 1000)
+NUM_TRAJECTORY_FRAMES = 6  # x at t_start, then states down to eps; the output is added after them
+NUM_REFERENCE_IMAGES = 1000  # data images whose x(t*) the histogram shows
+SEED_MAX = 2**63 - 1
+DATASET_AUTO, DATASET_DIGITS, DATASET_NONE = "auto", "digits", "none"
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the app offers. Each sampler runs from a prior of x(t*) ("DiNof") or from the SDE prior at T ("baseline").
+# A solver is the keyword arguments of `DiNofPipeline.__call__` that select it; the ODE solvers are one line each:
+#     "ODE Heun": Solver({"sampler": "ode", "ode_solver": "heun"}),
+#     "ODE RK45": Solver({"sampler": "ode", "ode_solver": "rk45"}, uses_steps=False),
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A reverse-process solver: its `DiNofPipeline.__call__` keyword arguments; `uses_steps=False` for adaptive ones."""
+
+    call_kwargs: Dict = field(default_factory=dict)
+    uses_steps: bool = True
+
+
+SOLVERS: Dict[str, Solver] = {"PC": Solver()}
+STARTS = {"DiNof": True, "baseline": False}  # the label -> `use_flow_prior`
+
+
+def prior_label(model: torch.nn.Module) -> str:
+    """How a prior of x(t*) is named in the page: "flow" for FlowPriorModel, "gaussian" for GaussianPriorModel."""
+    name = type(model).__name__
+    return {"FlowPriorModel": "flow"}.get(name, name.replace("PriorModel", "").lower() or name)
+
+
+def available_priors(pipeline: DiNofPipeline, data: Optional[torch.Tensor] = None) -> Dict[str, torch.nn.Module]:
+    """The priors of x(t*) the page offers, by label: the pipeline's own `flow_prior` component, if any.
+
+    Any prior with FlowPriorModel's `sample(batch_size, noise=..., temperature=...)` works. The Gaussian prior of
+    issue 12 is added here (fitted on `data`, the images in the model's data range, when the data set is known).
+    """
+    priors = {}
+    if pipeline.flow_prior is not None:
+        priors[prior_label(pipeline.flow_prior)] = pipeline.flow_prior
+    return priors
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sampling (no Gradio here: the tests call it directly)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Frame:
+    """One picture of the trajectory of the first image: x at time t (None for the output), its marginal std."""
+
+    label: str
+    image: torch.Tensor  # (C, H, W), in the model's data space
+    t: Optional[float] = None
+    sigma: Optional[float] = None
+
+
+@dataclass
+class Run:
+    """One measured pipeline call."""
+
+    name: str
+    start: str
+    num_steps: Optional[int]
+    nfe: int
+    seconds: float
+
+
+@dataclass
+class DemoResult:
+    """What one click produces.
+
+    Args:
+        images (`torch.Tensor` of shape `(B, C, H, W)`): the samples in [0, 1].
+        runs (`List[Run]`): this call first, then the baseline at the same N (absent when this call is the baseline).
+        frames (`List[Frame]`): the trajectory of the first image, from the start to the output.
+        start_time (`float`): t* (or T for a baseline sampler).
+        x_t_star (`torch.Tensor` of shape `(B, C, H, W)`): the prior's x(t*), or the baseline's state at the grid
+            point nearest t*: what the histogram compares with the data's x(t*).
+        x_t_star_label (`str`): what `x_t_star` is, for the plot's legend.
+        warnings (`List[str]`): settings that had no effect, shown to the user.
+    """
+
+    images: torch.Tensor
+    runs: List[Run]
+    frames: List[Frame]
+    start_time: float
+    x_t_star: torch.Tensor
+    x_t_star_label: str
+    warnings: List[str] = field(default_factory=list)
+
+
+def _as_int(name: str, value, low: int, high: int) -> int:
+    """`value` as an int in [low, high] (integral floats, as number fields send them, are accepted)."""
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got {value!r}.")
+    return int(value)
+
+
+class DiNofDemo:
+    """A loaded DiNof pipeline and what the page needs to sample and explain it.
+
+    Args:
+        pipeline (`DiNofPipeline`): loaded once; every click uses its networks with a scheduler of its own.
+        data (`torch.Tensor` of shape `(M, C, H, W)`, *optional*): images of the training data set in the model's data
+            range; with them, the histogram of the data's x(t*) is drawn beside the prior's.
+        data_name (`str`, *optional*): the data set's name, for the page.
+        score_trained_to_T (`bool`, *optional*): whether the score network learnt the whole time range (from the
+            model card); `False` adds a warning to baseline runs (their network never saw t > t*).
+        name (`str`, *optional*): where the pipeline came from, for the page.
+    """
+
+    def __init__(
+        self,
+        pipeline: DiNofPipeline,
+        data: Optional[torch.Tensor] = None,
+        data_name: Optional[str] = None,
+        score_trained_to_T: Optional[bool] = None,
+        name: str = "",
+    ):
+        self.pipeline = pipeline
+        self.scheduler_config = pipeline.scheduler.config
+        # for the SDE's quantities only; every run samples with a scheduler of its own
+        self._scheduler = scheduler = DiNofScheduler.from_config(self.scheduler_config)
+        self.t_star = scheduler.t_star
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.num_flow_steps = scheduler.num_flow_steps
+        self.data_range = scheduler.data_range
+        self.data_name = data_name
+        self.score_trained_to_T = score_trained_to_T
+        self.name = name
+        self.priors = available_priors(pipeline, data)
+        starts = [label for label, from_t_star in STARTS.items() if self.priors or not from_t_star]
+        self.samplers = {
+            f"{start} {solver}": (STARTS[start], SOLVERS[solver]) for start in starts for solver in SOLVERS
+        }
+        self.data_x_t_star = None
+        if data is not None:
+            # The data's x(t*): fixed noise, so that every click compares against the same sample.
+            generator = torch.Generator().manual_seed(0)
+            noise = torch.randn(data.shape, generator=generator)
+            t = torch.full((data.shape[0],), self.t_star, dtype=torch.float64)
+            self.data_x_t_star = scheduler.add_noise(data.double(), noise.double(), t).float()
+
+    # -- what the page shows about the model -----------------------------------------------------------------------
+
+    def sigma(self, t: float) -> float:
+        """The marginal standard deviation of x(t) (VE: sigma(t); VP / sub-VP: the std of the noise term)."""
+        return float(self._scheduler.marginal_mean_std(torch.tensor([t], dtype=torch.float64))[1][0])
+
+    def describe(self) -> str:
+        """A markdown line about the loaded pipeline."""
+        config = self.pipeline.unet.config
+        size = config.sample_size if isinstance(config.sample_size, int) else "x".join(map(str, config.sample_size))
+        unet_params = sum(p.numel() for p in self.pipeline.unet.parameters())
+        prior_text = ", ".join(
+            f"{label} ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters)"
+            for label, model in self.priors.items()
+        )
+        return (
+            f"**Pipeline** `{self.name or 'in memory'}`: {self.scheduler_config.sde_type.upper()} SDE, "
+            f"N = {self.num_train_timesteps} noise scales, t* = {self.t_star:g} (σ(t*) = {self.sigma(self.t_star):.3g}), "
+            f"{config.in_channels}x{size}x{size} images; score network {unet_params / 1e6:.2f}M parameters; "
+            f"prior of x(t*): {prior_text or 'none (baseline sampler only)'}; "
+            f"data set: {self.data_name or 'not known (start with --dataset_name for the x(t*) histogram)'}."
+        )
+
+    # -- sampling ----------------------------------------------------------------------------------------------------
+
+    def check_inputs(self, num_images, seed, sampler, num_steps, flow_temperature, langevin_norm, prior):
+        """Validates a click's settings before any work; returns them normalised. Raises `ValueError`."""
+        num_images = _as_int("num_images", num_images, 1, MAX_IMAGES)
+        seed = _as_int("seed", seed, 0, SEED_MAX)
+        if sampler not in self.samplers:
+            raise ValueError(f"`sampler` must be one of {list(self.samplers)}, got {sampler!r}.")
+        num_steps = _as_int("num_steps", num_steps, 1, self.num_train_timesteps)
+        if (
+            isinstance(flow_temperature, bool)
+            or not isinstance(flow_temperature, (int, float))
+            or not 0 < flow_temperature <= MAX_TEMPERATURE
+        ):
+            raise ValueError(
+                f"`flow_temperature` must be a number in (0, {MAX_TEMPERATURE}], got {flow_temperature!r}."
+            )
+        if langevin_norm not in LANGEVIN_NORMS:
+            raise ValueError(f"`langevin_norm` must be one of {list(LANGEVIN_NORMS)}, got {langevin_norm!r}.")
+        from_t_star = self.samplers[sampler][0]
+        if from_t_star:
+            prior = prior if prior is not None else next(iter(self.priors))
+            if prior not in self.priors:
+                raise ValueError(f"`prior` must be one of {list(self.priors)}, got {prior!r}.")
+        return num_images, seed, sampler, num_steps, float(flow_temperature), langevin_norm, prior
+
+    def steps_from(self, num_steps: int, from_t_star: bool) -> int:
+        """The reverse steps of a run at N = `num_steps`: DiNof takes the part of the N-point grid below t*."""
+        if not from_t_star:
+            return num_steps
+        return min(self.num_flow_steps, max(1, round(num_steps * self.t_star)))
+
+    def sample(
+        self,
+        num_images: int = 16,
+        seed: int = 0,
+        sampler: Optional[str] = None,
+        num_steps: int = DEFAULT_STEPS,
+        flow_temperature: float = 1.0,
+        langevin_norm: str = "batch",
+        prior: Optional[str] = None,
+        progress: Optional[Callable[[int, Optional[int], str], None]] = None,
+    ) -> DemoResult:
+        """Samples `num_images` images with `sampler` and measures the baseline at the same N beside it.
+
+        Args:
+            num_images (`int`): B, in [1, MAX_IMAGES].
+            seed (`int`): seeds the noise of the prior and of every step (the same for both runs).
+            sampler (`str`, *optional*): a key of `self.samplers` ("DiNof PC", "baseline PC", ...); default the first.
+            num_steps (`int`): N, the number of points of the time grid over [eps, T]; DiNof runs the
+                round(N t*) of them below t*, the baseline all N (the published N is 1000: 600 and 1000 steps).
+            flow_temperature (`float`): the temperature of the prior at t*, in (0, MAX_TEMPERATURE].
+            langevin_norm (`str`): "batch" (published) or "sample", the Langevin corrector's step-size norm.
+            prior (`str`, *optional*): a key of `self.priors`; default the first.
+            progress (`Callable[[int, Optional[int], str], None]`, *optional*): called after every step with
+                (steps done, steps in all or None, description).
+
+        Returns:
+            `DemoResult`.
+        """
+        sampler = sampler if sampler is not None else next(iter(self.samplers))
+        num_images, seed, sampler, num_steps, flow_temperature, langevin_norm, prior = self.check_inputs(
+            num_images, seed, sampler, num_steps, flow_temperature, langevin_norm, prior
+        )
+        from_t_star, solver = self.samplers[sampler]
+        solver_name = sampler.split(" ", 1)[1]
+        runs = [(sampler, from_t_star)]
+        if from_t_star:
+            runs.append((f"baseline {solver_name}", False))
+        scheduler = DiNofScheduler.from_config(self.scheduler_config, langevin_norm=langevin_norm)
+
+        warnings = []
+        if not from_t_star and flow_temperature != 1.0:
+            warnings.append("The flow temperature has no effect on a baseline sampler: it starts from the SDE prior.")
+        if langevin_norm != self.scheduler_config.langevin_norm and (
+            scheduler.config.corrector != "langevin" or solver.call_kwargs.get("sampler", "pc") != "pc"
+        ):
+            warnings.append("`langevin_norm` only changes the Langevin corrector of the PC sampler; not used here.")
+        if self.score_trained_to_T is False:
+            warnings.append(
+                "This score network learnt t <= t* only: the baseline (from T) runs for its cost, its images mean little."
+            )
+
+        steps = [self.steps_from(num_steps, start) if solver.uses_steps else None for _, start in runs]
+        total = sum(steps) if all(steps) else None
+        done = 0
+        results = []
+        for (name, start), n in zip(runs, steps):
+            shown = not results
+
+            def step_progress(description=name):
+                nonlocal done
+                done += 1
+                if progress is not None:
+                    progress(done, total, description)
+
+            results.append(
+                self._run(
+                    name, start, solver, scheduler, num_images, seed, n, flow_temperature, prior, shown, step_progress
+                )
+            )
+        run, images, frames, x_t_star, x_t_star_label = results[0]
+        return DemoResult(
+            images=images,
+            runs=[result[0] for result in results],
+            frames=frames,
+            start_time=self.t_star if from_t_star else 1.0,
+            x_t_star=x_t_star,
+            x_t_star_label=x_t_star_label,
+            warnings=warnings,
+        )
+
+    @torch.no_grad()
+    def _run(
+        self, name, from_t_star, solver, scheduler, batch_size, seed, num_steps, temperature, prior, record, step
+    ):
+        """One timed pipeline call; with `record`, the first image's trajectory and the batch's x near t* as well."""
+        pipeline = DiNofPipeline(
+            **{**self.pipeline.components, "scheduler": DiNofScheduler.from_config(scheduler.config)}
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        device = pipeline._execution_device
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        config = pipeline.unet.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (batch_size, config.in_channels, height, width)
+
+        start = time.perf_counter()
+        # The start drawn here as the pipeline itself draws it (same generator calls, so the same images as a plain
+        # `pipeline(generator=...)`), to show it: the prior's x(t*), or the SDE prior's x(T).
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        if from_t_star:
+            prior_model = self.priors[prior]
+            start_sample = prior_model.sample(batch_size, noise=latents, temperature=temperature)
+            start_name = f"{prior} prior at t* = {self.t_star:g}"
+        else:
+            start_sample = pipeline.scheduler.prior_sample(shape, device=device, noise=latents)
+            start_name = "SDE prior at T = 1"
+        start_sample = start_sample.to(device=device, dtype=torch.float32)
+
+        start_time = self.t_star if from_t_star else 1.0
+        frames, near_t_star, picks = [], {}, {}
+        if record:
+            frames.append(Frame(f"x({'t*' if from_t_star else 'T'})", start_sample[0].cpu(), start_time))
+
+        def callback(pipe, i, t, callback_kwargs):
+            # After the step at grid point i the state is x(t_{i+1}) (the data after the last one).
+            grid = pipe.scheduler.timesteps
+            if record and solver.uses_steps and grid is not None:
+                if not picks:
+                    positions = np.linspace(0, len(grid) - 1, NUM_TRAJECTORY_FRAMES).round().astype(int)[1:]
+                    picks["frames"] = set(positions.tolist())
+                    picks["t_star"] = int((grid.double() - self.t_star).abs().argmin())
+                position = i + 1
+                if position in picks["frames"]:
+                    frames.append(Frame("x(t)", callback_kwargs["latents"][0].cpu(), float(grid[position])))
+                if not from_t_star and position == picks["t_star"]:
+                    near_t_star.update(x=callback_kwargs["latents"].cpu(), t=float(grid[position]))
+            step()
+            return {}
+
+        output = pipeline(
+            batch_size=batch_size,
+            num_inference_steps=num_steps,
+            generator=generator,
+            prior_sample=start_sample,
+            use_flow_prior=from_t_star,
+            output_type="pt",
+            callback_on_step_end=callback,
+            **solver.call_kwargs,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        run = Run(name=name, start=start_name, num_steps=num_steps, nfe=output.nfe, seconds=seconds)
+        if not record:
+            return run, None, None, None, None
+
+        low, high = self.data_range
+        frames.append(Frame("output", output.images[0].cpu() * (high - low) + low))
+        for frame in frames:
+            if frame.t is not None:
+                frame.sigma = self.sigma(frame.t)
+        if from_t_star:
+            x_t_star, label = start_sample.cpu(), f"{prior} prior's x(t*), this batch"
+        elif "x" in near_t_star:
+            x_t_star = near_t_star["x"]
+            label = f"baseline's x(t = {near_t_star['t']:.3g}) after its steps from T, this batch"
+        else:
+            x_t_star, label = start_sample.cpu(), "baseline's x(T), this batch"
+        return run, output.images.cpu(), frames, x_t_star, label
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _figure_to_image(figure: Figure) -> Image.Image:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight", facecolor="white")
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def samples_picture(images: torch.Tensor, max_width: int = 640) -> Image.Image:
+    """The samples as one grid, upscaled (nearest neighbour) so that small images stay crisp."""
+    columns = math.ceil(math.sqrt(images.shape[0]))
+    scale = max(1, min(16, max_width // (columns * images.shape[-1])))
+    return image_grid(images, scale=scale).convert("RGB")
+
+
+def trajectory_picture(frames: List[Frame], data_range: Tuple[float, float]) -> Image.Image:
+    """The frames side by side, each titled with its t and sigma(t); values clamped to the data range."""
+    low, high = data_range
+    figure = Figure(figsize=(1.45 * len(frames), 2.1))
+    for k, frame in enumerate(frames):
+        axis = figure.add_subplot(1, len(frames), k + 1)
+        image = ((frame.image.float().clamp(low, high) - low) / (high - low)).permute(1, 2, 0).numpy()
+        if image.shape[-1] == 1:
+            axis.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            axis.imshow(image, interpolation="nearest")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        if frame.t is None:
+            axis.set_title("output\n(noise removed)\n", fontsize=9)
+        else:
+            axis.set_title(f"{frame.label}\nt = {frame.t:.3g}\nσ(t) = {frame.sigma:.3g}", fontsize=9)
+    return _figure_to_image(figure)
+
+
+def histogram_picture(data_x: torch.Tensor, model_x: torch.Tensor, model_label: str, t_star: float, sigma: float):
+    """Pixel histograms of the data's x(t*) and of the prior's x(t*), densities on one axis."""
+    data_values = data_x.flatten().numpy()
+    model_values = model_x.float().flatten().numpy()
+    low = min(np.percentile(data_values, 0.1), np.percentile(model_values, 0.1))
+    high = max(np.percentile(data_values, 99.9), np.percentile(model_values, 99.9))
+    bins = np.linspace(low, high, 60)
+    figure = Figure(figsize=(7.5, 3.0))
+    axis = figure.add_subplot(1, 1, 1)
+    axis.hist(
+        data_values, bins=bins, density=True, color="#9ca3af", alpha=0.7, label=_stats_label("data", data_values)
+    )
+    model_label = _stats_label(model_label, model_values)
+    axis.hist(model_values, bins=bins, density=True, histtype="step", linewidth=2, color="#ea580c", label=model_label)
+    axis.set_xlabel("pixel value of x(t*)")
+    axis.set_ylabel("density")
+    axis.set_title(f"Pixel values of x(t*), t* = {t_star:g}, σ(t*) = {sigma:.3g}", fontsize=10)
+    axis.legend(fontsize=8, loc="upper right")
+    figure.tight_layout()
+    return _figure_to_image(figure)
+
+
+def _stats_label(name, values):
+    return f"{name} (mean {values.mean():.3g}, std {values.std():.3g})"
+
+
+def cost_table(runs: List[Run]) -> str:
+    """The runs as a markdown table (the first is the one shown), with the ratios when the baseline ran too."""
+    lines = ["| run | starts from | steps | NFE | wall time |", "|---|---|---:|---:|---:|"]
+    for k, run in enumerate(runs):
+        name = f"**{run.name}** (shown)" if k == 0 else run.name
+        steps = "adaptive" if run.num_steps is None else str(run.num_steps)
+        lines.append(f"| {name} | {run.start} | {steps} | {run.nfe} | {run.seconds:.2f} s |")
+    if len(runs) == 2 and runs[1].nfe and runs[1].seconds > 0:
+        nfe_ratio, time_ratio = runs[0].nfe / runs[1].nfe, runs[0].seconds / runs[1].seconds
+        lines.append(f"| {runs[0].name} / {runs[1].name} | | | {nfe_ratio:.2f} | {time_ratio:.2f} |")
+    lines.append("")
+    lines.append(
+        "NFE: score-network evaluations per image (the prior's pass is not counted); both runs measured here."
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The page
+# ----------------------------------------------------------------------------------------------------------------------
+
+INTRO = (
+    "DiNof (Zand, Etemad & Greenspan, TMLR 2024) stops the forward diffusion at t* and learns a normalizing flow of the "
+    "partly noisy data x(t*). Sampling draws x(t*) from the flow and runs the reverse SDE only from t* down to eps: "
+    "a fraction t* of the baseline's steps, which start from pure noise at T. Pick a sampler and a seed, press "
+    "**Sample**, and compare the cost with the baseline's, measured at the same N."
+)
+
+CSS = """
+#samples img, #trajectory img { image-rendering: pixelated; }
+"""
+
+
+def pictures(demo: DiNofDemo, result: DemoResult) -> Tuple[Image.Image, str, Image.Image, Optional[Image.Image]]:
+    """The page's outputs for one result: samples, cost table, trajectory, x(t*) histogram (None without data)."""
+    histogram = None
+    if demo.data_x_t_star is not None:
+        histogram = histogram_picture(
+            demo.data_x_t_star, result.x_t_star, result.x_t_star_label, demo.t_star, demo.sigma(demo.t_star)
+        )
+    trajectory = trajectory_picture(result.frames, demo.data_range)
+    return samples_picture(result.images), cost_table(result.runs), trajectory, histogram
+
+
+def build_app(demo: DiNofDemo, first_sample: bool = True) -> gr.Blocks:
+    """The Gradio page around `demo`; one click at a time (the pipeline's scheduler holds the state of a run).
+
+    Args:
+        demo (`DiNofDemo`): the loaded pipeline.
+        first_sample (`bool`, defaults to `True`): sample once with the default settings now, so that the page opens
+            with results rather than empty boxes.
+    """
+    sampler_choices = list(demo.samplers)
+    prior_choices = list(demo.priors)
+    defaults = {
+        "num_images": 16,
+        "seed": 0,
+        "sampler": sampler_choices[0],
+        "num_steps": min(DEFAULT_STEPS, demo.num_train_timesteps),
+        "flow_temperature": 1.0,
+        "langevin_norm": demo.scheduler_config.langevin_norm,
+        "prior": prior_choices[0] if prior_choices else None,
+    }
+    shown = pictures(demo, demo.sample(**defaults)) if first_sample else (None, None, None, None)
+
+    def on_click(num_images, seed, sampler, num_steps, flow_temperature, langevin_norm, prior, progress=gr.Progress()):
+        def report(done, total, description):
+            progress((done, total) if total else None, desc=description, unit="steps")
+
+        try:
+            result = demo.sample(
+                num_images, seed, sampler, num_steps, flow_temperature, langevin_norm, prior, progress=report
+            )
+        except ValueError as error:  # bad settings: a message in the page, not a traceback
+            raise gr.Error(str(error), print_exception=False) from None
+        for warning in result.warnings:
+            gr.Warning(warning)
+        return pictures(demo, result)
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as blocks:
+        gr.Markdown(f"# {TITLE}\n{INTRO}\n\n{demo.describe()}")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                num_images = gr.Slider(1, MAX_IMAGES, value=defaults["num_images"], step=1, label="Number of images")
+                seed = gr.Number(value=defaults["seed"], precision=0, label="Seed")
+                sampler = gr.Dropdown(
+                    sampler_choices,
+                    value=defaults["sampler"],
+                    label="Sampler",
+                    info="DiNof: prior at t*, then the reverse process; baseline: the same from the SDE prior at T.",
+                )
+                prior = gr.Radio(
+                    prior_choices, value=defaults["prior"], label="Prior at t*", visible=len(prior_choices) > 1
+                )
+                num_steps = gr.Slider(
+                    1,
+                    demo.num_train_timesteps,
+                    value=defaults["num_steps"],
+                    step=1,
+                    label="Number of steps N",
+                    info=f"Grid points over [eps, T]; DiNof runs the {demo.t_star:g} N of them below t*.",
+                )
+                flow_temperature = gr.Slider(
+                    0.05,
+                    MAX_TEMPERATURE,
+                    value=defaults["flow_temperature"],
+                    step=0.05,
+                    label="Flow temperature",
+                    info="τ of the prior at t*.",
+                )
+                langevin_norm = gr.Radio(
+                    list(LANGEVIN_NORMS),
+                    value=defaults["langevin_norm"],
+                    label="langevin_norm",
+                    info="batch (published): step size from batch-mean norms; sample: per image, batch-independent.",
+                )
+                button = gr.Button("Sample", variant="primary", elem_id="sample-button")
+            with gr.Column(scale=2):
+                samples = gr.Image(shown[0], label="Samples", type="pil", format="png", elem_id="samples", height=480)
+                cost = gr.Markdown(
+                    shown[1] or "Press **Sample**: the cost of this call and the baseline's appear here."
+                )
+        gr.Markdown("### Trajectory of the first image\nx(t*) from the prior, then the reverse process down to eps.")
+        trajectory = gr.Image(shown[2], show_label=False, type="pil", format="png", elem_id="trajectory")
+        with gr.Column(visible=demo.data_x_t_star is not None):
+            gr.Markdown(
+                f"### The prior's x(t*) against the data's\nPixel histograms; the data: {demo.data_name}, noised to t*. "
+                "The closer the two, the less the reverse process has to correct."
+            )
+            histogram = gr.Image(shown[3], show_label=False, type="pil", format="png")
+        button.click(
+            on_click,
+            inputs=[num_images, seed, sampler, num_steps, flow_temperature, langevin_norm, prior],
+            outputs=[samples, cost, trajectory, histogram],
+            api_name="sample",
+            concurrency_limit=1,
+        )
+    blocks.queue(default_concurrency_limit=1)
+    return blocks
+
+
+def launch(blocks: gr.Blocks, host: Optional[str] = None, port: Optional[int] = None, **kwargs):
+    """Serves the page; `host` / `port` None leave Gradio's defaults (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT)."""
+    return blocks.launch(server_name=host, server_port=port, css=CSS, share=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading: the pipeline and, where known, its data set
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_model_card(pipeline_dir: str) -> Tuple[Optional[str], Optional[bool]]:
+    """(data set description, whether the score network learnt [eps, T]) from the card train.py writes, if any."""
+    path = os.path.join(pipeline_dir, "README.md")
+    if not os.path.isfile(path):
+        return None, None
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    dataset = re.search(r"^Data set: (.+)\.$", text, flags=re.MULTILINE)
+    time_range = re.search(r"^score_time_range: '?([^'\n]+)'?$", text, flags=re.MULTILINE)
+    return (
+        dataset.group(1) if dataset else None,
+        None if time_range is None else time_range.group(1).strip() == "[eps, T]",
+    )
+
+
+def load_reference_images(
+    dataset_name: str, resolution: int, channels: int, data_range: Tuple[float, float], image_column: str = "image"
+) -> torch.Tensor:
+    """Up to NUM_REFERENCE_IMAGES training images, resized and center-cropped as train.py does, in the data range.
+
+    Args:
+        dataset_name (`str`): "digits" (scikit-learn's, embedded), or a `datasets` name / folder (its "train" split).
+
+    Returns:
+        `torch.Tensor` of shape `(M, channels, resolution, resolution)`.
+    """
+    from torchvision import transforms
+
+    if dataset_name == DATASET_DIGITS:
+        from dinof_diffusers.data import load_digits_dataset
+
+        dataset = load_digits_dataset(resolution=resolution)
+    else:
+        from datasets import load_dataset
+
+        dataset = load_dataset(dataset_name, split="train")
+    if image_column not in dataset.column_names:
+        raise ValueError(f"--image_column {image_column!r} is not a column of {dataset_name}: {dataset.column_names}.")
+    dataset = dataset.select(range(min(len(dataset), NUM_REFERENCE_IMAGES)))
+    transform = transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+        ]
+    )
+    mode = "L" if channels == 1 else "RGB"
+    images = torch.stack([transform(image.convert(mode)) for image in dataset[image_column]])
+    low, high = data_range
+    return images * (high - low) + low
+
+
+def load_demo(
+    pipeline_name: str, dataset_name: str = DATASET_AUTO, image_column: str = "image", device: Optional[str] = None
+) -> DiNofDemo:
+    """Loads the pipeline once (a folder or a Hub id) and, where known, its data set's images."""
+    if os.path.isdir(pipeline_name) and not os.path.isfile(os.path.join(pipeline_name, "model_index.json")):
+        raise FileNotFoundError(f"{pipeline_name!r} holds no model_index.json: not a saved DiNofPipeline.")
+    if not os.path.exists(pipeline_name) and pipeline_name == DEFAULT_PIPELINE:
+        raise FileNotFoundError(
+            f"{pipeline_name!r} does not exist: `make app` trains it first, or pass --pipeline <folder or Hub id>."
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline = DiNofPipeline.from_pretrained(pipeline_name).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    local_dir = pipeline.config.get("_name_or_path") or pipeline_name
+    card_dataset, score_trained_to_T = read_model_card(local_dir)
+    if dataset_name == DATASET_AUTO:
+        digits = card_dataset is not None and "scikit-learn handwritten digits" in card_dataset
+        dataset_name = DATASET_DIGITS if digits else DATASET_NONE
+    data = None
+    if dataset_name != DATASET_NONE:
+        config = pipeline.unet.config
+        size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+        data = load_reference_images(
+            dataset_name, size, config.in_channels, pipeline.scheduler.data_range, image_column=image_column
+        )
+    data_name = {DATASET_DIGITS: "scikit-learn digits (embedded)", DATASET_NONE: None}.get(dataset_name, dataset_name)
+    return DiNofDemo(
+        pipeline, data=data, data_name=data_name, score_trained_to_T=score_trained_to_T, name=pipeline_name
+    )
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--pipeline",
+        default=DEFAULT_PIPELINE,
+        help="A saved DiNofPipeline: folder or Hub id (default: $DINOF_PIPELINE, else outputs/demo/pipeline).",
+    )
+    parser.add_argument(
+        "--dataset_name",
+        default=DATASET_AUTO,
+        help="The training data, for the x(t*) histogram: 'digits' (embedded), a `datasets` name or folder, 'none'; "
+        "'auto' (default): the digits when the pipeline's model card says it was trained on them, else none.",
+    )
+    parser.add_argument("--image_column", default="image", help="The image column of --dataset_name.")
+    parser.add_argument("--host", default=None, help="Address to bind (default: Gradio's, 127.0.0.1).")
+    parser.add_argument(
+        "--port", type=int, default=None, help="Port (default: Gradio's, $GRADIO_SERVER_PORT or 7860)."
+    )
+    parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    args = parser.parse_args(argv)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        parser.error(f"--port must be in [1, 65535], got {args.port}.")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        demo = load_demo(args.pipeline, args.dataset_name, args.image_column, args.device)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"app.py: {error}") from None
+    launch(build_app(demo), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
