@@ -511,13 +511,14 @@ def pictures(demo: DiNofDemo, result: DemoResult) -> Tuple[Image.Image, str, Ima
     return samples_picture(result.images), cost_table(result.runs), trajectory, histogram
 
 
-def build_app(demo: DiNofDemo, first_sample: bool = True) -> gr.Blocks:
+def build_app(demo: DiNofDemo, first_sample: bool = True, settings: Optional[Dict] = None) -> gr.Blocks:
     """The Gradio page around `demo`; one click at a time (the pipeline's scheduler holds the state of a run).
 
     Args:
         demo (`DiNofDemo`): the loaded pipeline.
-        first_sample (`bool`, defaults to `True`): sample once with the default settings now, so that the page opens
+        first_sample (`bool`, defaults to `True`): sample once with the initial settings now, so that the page opens
             with results rather than empty boxes.
+        settings (`Dict`, *optional*): initial settings instead of the defaults, by `DiNofDemo.sample` argument name.
     """
     sampler_choices = list(demo.samplers)
     prior_choices = list(demo.priors)
@@ -529,6 +530,7 @@ def build_app(demo: DiNofDemo, first_sample: bool = True) -> gr.Blocks:
         "flow_temperature": 1.0,
         "langevin_norm": demo.scheduler_config.langevin_norm,
         "prior": prior_choices[0] if prior_choices else None,
+        **(settings or {}),
     }
     shown = pictures(demo, demo.sample(**defaults)) if first_sample else (None, None, None, None)
 

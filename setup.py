@@ -1,5 +1,10 @@
 from setuptools import find_packages, setup
 
+# The web demo, app.py (`pip install -e ".[app]"`): Gradio 6 needs Python >= 3.10, so on 3.9 the extra installs only
+# matplotlib and the app's tests skip; the package itself keeps Python 3.9. requirements.txt (what a Hub Space
+# installs) is install_requires plus these, in this order (tests/test_app.py checks it).
+APP_REQUIRES = ['gradio>=6.0,<7; python_version >= "3.10"', "matplotlib"]
+
 setup(
     name="dinof-diffusers",
     version="0.1.0",
@@ -27,9 +32,18 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # scipy: the tests check the rk45 solver against scipy.integrate.solve_ivp (the published code's solver)
-        "test": ["pytest>=7", "normflows==1.7.3", "matplotlib", "scipy"],
-        "dev": ["pytest>=7", "normflows==1.7.3", "matplotlib", "scipy", "ruff"],
+        "app": APP_REQUIRES,
+        # scipy: the tests check the rk45 solver against scipy.integrate.solve_ivp (the published code's solver);
+        # gradio_client: the app's tests call the served page through it
+        "test": ["pytest>=7", "normflows==1.7.3", "scipy", 'gradio_client; python_version >= "3.10"', *APP_REQUIRES],
+        "dev": [
+            "pytest>=7",
+            "normflows==1.7.3",
+            "scipy",
+            'gradio_client; python_version >= "3.10"',
+            *APP_REQUIRES,
+            "ruff",
+        ],
     },
     entry_points={
         "console_scripts": [
