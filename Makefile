@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Nothing in tests, demos or CI may reach the Hub: everything they need is built locally.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: install test demo reproduce lint clean
+.PHONY: install test test-browser demo app reproduce lint clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +27,28 @@ test: $(VENV)/.installed
 # else is busy on the machine (two spinning OpenMP threads on a shared core run ~20x slower).
 DEMO_DIR := outputs/demo
 DEMO_ENV := $(OFFLINE) OMP_NUM_THREADS=1
-demo: $(VENV)/.installed
-	$(DEMO_ENV) $(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
+DEMO_TRAIN := $(DEMO_ENV) $(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no training_scripts/train.py --output_dir $(DEMO_DIR)/pipeline --resolution 16 \
 		--unet_config tiny --score_time_range full --max_train_steps 2500 --learning_rate 1e-3 --lr_warmup_steps 100 \
 		--checkpointing_steps 1000 --checkpoints_total_limit 1 --save_images_steps 1000 --report_to tensorboard
+demo: $(VENV)/.installed
+	$(DEMO_TRAIN)
 	$(DEMO_ENV) $(PY) training_scripts/sample.py --pipeline $(DEMO_DIR)/pipeline --output_dir $(DEMO_DIR) \
 		--num_images 64 --seed 0 --compare_baseline
+
+# The web demo (app.py, Gradio) on the demo's pipeline, trained first as `make demo` does if it is not there yet; open
+# the address it prints. Another pipeline, address or port: make app APP_ARGS="--pipeline org/name --port 7861".
+# Nothing leaves the machine (Gradio's analytics are off); a Hub id is downloaded once.
+app: $(VENV)/.installed
+	$(if $(findstring --pipeline,$(APP_ARGS)),,test -f $(DEMO_DIR)/pipeline/model_index.json || { $(DEMO_TRAIN); })
+	HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False OMP_NUM_THREADS=1 $(PY) app.py $(APP_ARGS)
+
+# The app's browser test: installs Chromium (Debian package, needs root or sudo) if missing, then loads the served
+# page headless. `make test` runs the same test where Chromium is present and skips it elsewhere.
+test-browser: $(VENV)/.installed
+	command -v chromium > /dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q && \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends chromium; }
+	$(OFFLINE) $(PY) -m pytest -q tests/test_app.py -k browser -rs
 
 # DiNof's claim on the digits: trains VE and VP models, then FID / KID / confidence against NFE (~35 min on 2 CPU
 # cores); writes outputs/reproduce/results.md and quality_vs_nfe.png. Resumable: run it again after an interruption.
