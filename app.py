@@ -46,17 +46,31 @@ DATASET_AUTO, DATASET_DIGITS, DATASET_NONE = "auto", "digits", "none"
 # ----------------------------------------------------------------------------------------------------------------------
 # What the app offers. Each sampler runs from a prior of x(t*) ("DiNof") or from the SDE prior at T ("baseline").
 # A solver is the keyword arguments of `DiNofPipeline.__call__` that select it; the ODE solvers are one line each:
-#     "ODE Heun": Solver({"sampler": "ode", "ode_solver": "heun"}),
-#     "ODE RK45": Solver({"sampler": "ode", "ode_solver": "rk45"}, uses_steps=False),
+#     "ODE Heun": Solver({"sampler": "ode", "ode_solver": "heun"}, state_time=lambda pipeline, i, t: float(t)),
+#     "ODE RK45": Solver({"sampler": "ode", "ode_solver": "rk45"}, False, lambda pipeline, i, t: float(t)),
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def pc_state_time(pipeline: DiNofPipeline, i: int, t: torch.Tensor) -> float:
+    """The time of the PC sampler's state after its step i: the next grid point (0, the data, after the last)."""
+    grid = pipeline.scheduler.timesteps
+    return float(grid[i + 1]) if i + 1 < len(grid) else 0.0
 
 
 @dataclass(frozen=True)
 class Solver:
-    """A reverse-process solver: its `DiNofPipeline.__call__` keyword arguments; `uses_steps=False` for adaptive ones."""
+    """A reverse-process solver of the page.
+
+    Args:
+        call_kwargs (`Dict`): the `DiNofPipeline.__call__` keyword arguments that select it.
+        uses_steps (`bool`, defaults to `True`): `False` for adaptive solvers (N does not apply; the pipeline chooses).
+        state_time (`Callable[[DiNofPipeline, int, torch.Tensor], float]`): the time of the state that
+            `callback_on_step_end(pipeline, i, t, ...)` receives (the ODE passes it as t).
+    """
 
     call_kwargs: Dict = field(default_factory=dict)
     uses_steps: bool = True
+    state_time: Callable[[DiNofPipeline, int, torch.Tensor], float] = pc_state_time
 
 
 SOLVERS: Dict[str, Solver] = {"PC": Solver()}
@@ -262,8 +276,8 @@ class DiNofDemo:
             flow_temperature (`float`): the temperature of the prior at t*, in (0, MAX_TEMPERATURE].
             langevin_norm (`str`): "batch" (published) or "sample", the Langevin corrector's step-size norm.
             prior (`str`, *optional*): a key of `self.priors`; default the first.
-            progress (`Callable[[int, Optional[int], str], None]`, *optional*): called after every step with
-                (steps done, steps in all or None, description).
+            progress (`Callable[[int, Optional[int], str], None]`, *optional*): called after every step of each run
+                with (steps done, the run's steps or None when unknown, the run's name).
 
         Returns:
             `DemoResult`.
@@ -291,23 +305,13 @@ class DiNofDemo:
                 "This score network learnt t <= t* only: the baseline (from T) runs for its cost, its images mean little."
             )
 
-        steps = [self.steps_from(num_steps, start) if solver.uses_steps else None for _, start in runs]
-        total = sum(steps) if all(steps) else None
-        done = 0
         results = []
-        for (name, start), n in zip(runs, steps):
+        for name, start in runs:
+            n = self.steps_from(num_steps, start) if solver.uses_steps else None
+            report = None if progress is None else (lambda done, total, name=name: progress(done, total, name))
             shown = not results
-
-            def step_progress(description=name):
-                nonlocal done
-                done += 1
-                if progress is not None:
-                    progress(done, total, description)
-
             results.append(
-                self._run(
-                    name, start, solver, scheduler, num_images, seed, n, flow_temperature, prior, shown, step_progress
-                )
+                self._run(name, start, solver, scheduler, num_images, seed, n, flow_temperature, prior, shown, report)
             )
         run, images, frames, x_t_star, x_t_star_label = results[0]
         return DemoResult(
@@ -350,24 +354,26 @@ class DiNofDemo:
         start_sample = start_sample.to(device=device, dtype=torch.float32)
 
         start_time = self.t_star if from_t_star else 1.0
-        frames, near_t_star, picks = [], {}, {}
+        eps = scheduler.sampling_eps
+        # The trajectory: the first state at or below each of these times (evenly spaced from the start to eps).
+        targets = np.linspace(start_time, eps, NUM_TRAJECTORY_FRAMES)[1:].tolist() if record else []
+        frames, near_t_star, steps_done = [], {}, [0]
         if record:
             frames.append(Frame(f"x({'t*' if from_t_star else 'T'})", start_sample[0].cpu(), start_time))
 
         def callback(pipe, i, t, callback_kwargs):
-            # After the step at grid point i the state is x(t_{i+1}) (the data after the last one).
-            grid = pipe.scheduler.timesteps
-            if record and solver.uses_steps and grid is not None:
-                if not picks:
-                    positions = np.linspace(0, len(grid) - 1, NUM_TRAJECTORY_FRAMES).round().astype(int)[1:]
-                    picks["frames"] = set(positions.tolist())
-                    picks["t_star"] = int((grid.double() - self.t_star).abs().argmin())
-                position = i + 1
-                if position in picks["frames"]:
-                    frames.append(Frame("x(t)", callback_kwargs["latents"][0].cpu(), float(grid[position])))
-                if not from_t_star and position == picks["t_star"]:
-                    near_t_star.update(x=callback_kwargs["latents"].cpu(), t=float(grid[position]))
-            step()
+            steps_done[0] += 1
+            if record:
+                state, time_point = callback_kwargs["latents"], solver.state_time(pipe, i, t)
+                tolerance = 1e-6 * start_time  # the grids are stored in float32
+                if targets and time_point <= targets[0] + tolerance:
+                    frames.append(Frame("x(t)", state[0].float().cpu(), time_point))
+                    while targets and time_point <= targets[0] + tolerance:
+                        targets.pop(0)
+                if not from_t_star and not near_t_star and time_point <= self.t_star + tolerance:
+                    near_t_star.update(x=state.float().cpu(), t=time_point)
+            if step is not None:
+                step(steps_done[0], getattr(pipe, "_num_timesteps", None))
             return {}
 
         output = pipeline(
