@@ -370,8 +370,9 @@ class DiNofDemo:
                     frames.append(Frame("x(t)", state[0].float().cpu(), time_point))
                     while targets and time_point <= targets[0] + tolerance:
                         targets.pop(0)
-                if not from_t_star and not near_t_star and time_point <= self.t_star + tolerance:
-                    near_t_star.update(x=state.float().cpu(), t=time_point)
+                distance = abs(time_point - self.t_star)  # the baseline's state nearest t*, for the histogram
+                if not from_t_star and distance < near_t_star.get("distance", math.inf):
+                    near_t_star.update(x=state.float().cpu().clone(), t=time_point, distance=distance)
             if step is not None:
                 step(steps_done[0], getattr(pipe, "_num_timesteps", None))
             return {}
