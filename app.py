@@ -5,7 +5,7 @@
     python app.py --pipeline org/name --port 7860       # any saved DiNofPipeline: a folder or a Hub id
     python app.py --pipeline out --dataset_name cifar10 # also plot the data's x(t*) beside the prior's
 
-A Hugging Face Space runs this file as is (see README.md, "A web demo"). Nothing leaves the machine: Gradio's analytics
+A Hugging Face Space runs this file as is (README.md, "The web demo"). Nothing leaves the machine: Gradio's analytics
 and version check are off, and the page loads no fonts or scripts from elsewhere.
 """
 
@@ -86,8 +86,13 @@ def prior_label(model: torch.nn.Module) -> str:
 def available_priors(pipeline: DiNofPipeline, data: Optional[torch.Tensor] = None) -> Dict[str, torch.nn.Module]:
     """The priors of x(t*) the page offers, by label: the pipeline's own `flow_prior` component, if any.
 
-    Any prior with FlowPriorModel's `sample(batch_size, noise=..., temperature=...)` works. The Gaussian prior of
-    issue 12 is added here (fitted on `data`, the images in the model's data range, when the data set is known).
+    Any prior with FlowPriorModel's `sample(batch_size, noise=..., temperature=...)` works. `data` (the training
+    images in the model's data range, when the data set is known) is what a closed-form prior is fitted on; the
+    Gaussian prior of issue 12 is these lines, after the flow:
+
+        if data is not None and "gaussian" not in priors:
+            prior = GaussianPriorModel.fit(data, pipeline.scheduler, show_progress=False)
+            priors["gaussian"] = prior.to(pipeline.device)
     """
     priors = {}
     if pipeline.flow_prior is not None:
@@ -239,6 +244,7 @@ class DiNofDemo:
             raise ValueError(
                 f"`flow_temperature` must be a number in (0, {MAX_TEMPERATURE}], got {flow_temperature!r}."
             )
+        langevin_norm = self.scheduler_config.langevin_norm if langevin_norm is None else langevin_norm
         if langevin_norm not in LANGEVIN_NORMS:
             raise ValueError(f"`langevin_norm` must be one of {list(LANGEVIN_NORMS)}, got {langevin_norm!r}.")
         from_t_star = self.samplers[sampler][0]
@@ -261,7 +267,7 @@ class DiNofDemo:
         sampler: Optional[str] = None,
         num_steps: int = DEFAULT_STEPS,
         flow_temperature: float = 1.0,
-        langevin_norm: str = "batch",
+        langevin_norm: Optional[str] = None,
         prior: Optional[str] = None,
         progress: Optional[Callable[[int, Optional[int], str], None]] = None,
     ) -> DemoResult:
@@ -274,7 +280,8 @@ class DiNofDemo:
             num_steps (`int`): N, the number of points of the time grid over [eps, T]; DiNof runs the
                 round(N t*) of them below t*, the baseline all N (the published N is 1000: 600 and 1000 steps).
             flow_temperature (`float`): the temperature of the prior at t*, in (0, MAX_TEMPERATURE].
-            langevin_norm (`str`): "batch" (published) or "sample", the Langevin corrector's step-size norm.
+            langevin_norm (`str`, *optional*): "batch" (published) or "sample", the Langevin corrector's step-size
+                norm; default the pipeline scheduler's.
             prior (`str`, *optional*): a key of `self.priors`; default the first.
             progress (`Callable[[int, Optional[int], str], None]`, *optional*): called after every step of each run
                 with (steps done, the run's steps or None when unknown, the run's name).
