@@ -510,7 +510,7 @@ INTRO = (
 )
 
 CSS = """
-#samples img, #trajectory img { image-rendering: pixelated; }
+#samples img { image-rendering: pixelated; }
 """
 
 
