@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dinof_diffusers import DiNofPipeline, DiNofScheduler  # noqa: E402
+from dinof_diffusers import DiNofPipeline, DiNofScheduler, GaussianPriorModel  # noqa: E402
 from dinof_diffusers.image_utils import image_grid  # noqa: E402
 from dinof_diffusers.schedulers.scheduling_dinof import LANGEVIN_NORMS  # noqa: E402
 
@@ -80,23 +80,26 @@ STARTS = {"DiNof": True, "baseline": False}  # the label -> `use_flow_prior`
 def prior_label(model: torch.nn.Module) -> str:
     """How a prior of x(t*) is named in the page: "flow" for FlowPriorModel, "gaussian" for GaussianPriorModel."""
     name = type(model).__name__
-    return {"FlowPriorModel": "flow"}.get(name, name.replace("PriorModel", "").lower() or name)
+    return {"FlowPriorModel": "flow", "GaussianPriorModel": "gaussian"}.get(name, name)
 
 
 def available_priors(pipeline: DiNofPipeline, data: Optional[torch.Tensor] = None) -> Dict[str, torch.nn.Module]:
-    """The priors of x(t*) the page offers, by label: the pipeline's own `flow_prior` component, if any.
+    """The priors of x(t*) the page offers, by label: the pipeline's own `flow_prior` component, if any, and, when the
+    training data are known, the moment-matched Gaussian of their x(t*) (GaussianPriorModel, fitted in closed form
+    here: the control that shows what the flow adds).
 
-    Any prior with FlowPriorModel's `sample(batch_size, noise=..., temperature=...)` works. `data` (the training
-    images in the model's data range, when the data set is known) is what a closed-form prior is fitted on; the
-    Gaussian prior of issue 12 is these lines, after the flow:
+    Any prior with FlowPriorModel's `sample(batch_size, noise=..., temperature=...)` works.
 
-        if data is not None and "gaussian" not in priors:
-            prior = GaussianPriorModel.fit(data, pipeline.scheduler, show_progress=False)
-            priors["gaussian"] = prior.to(pipeline.device)
+    Args:
+        pipeline (`DiNofPipeline`): the loaded pipeline.
+        data (`torch.Tensor` of shape `(M, C, H, W)`, *optional*): training images in the model's data range.
     """
     priors = {}
     if pipeline.flow_prior is not None:
         priors[prior_label(pipeline.flow_prior)] = pipeline.flow_prior
+    if data is not None and "gaussian" not in priors:
+        gaussian = GaussianPriorModel.fit(data, pipeline.scheduler, show_progress=False)
+        priors["gaussian"] = gaussian.to(pipeline.device)
     return priors
 
 
@@ -576,7 +579,11 @@ def build_app(demo: DiNofDemo, first_sample: bool = True, settings: Optional[Dic
                     info="DiNof: prior at t*, then the reverse process; baseline: the same from the SDE prior at T.",
                 )
                 prior = gr.Radio(
-                    prior_choices, value=defaults["prior"], label="Prior at t*", visible=len(prior_choices) > 1
+                    prior_choices,
+                    value=defaults["prior"],
+                    label="Prior at t*",
+                    info="flow: the pipeline's; gaussian: the data's x(t*) moment-matched (the control). DiNof only.",
+                    visible=len(prior_choices) > 1,
                 )
                 num_steps = gr.Slider(
                     1,

@@ -19,7 +19,7 @@ from trained_pipeline import digits_tensor, untrained_tiny_pipeline
 
 pytest.importorskip("gradio", reason="the app extra (gradio) is not installed: it needs Python >= 3.10")
 
-from dinof_diffusers import DiNofPipeline  # noqa: E402
+from dinof_diffusers import DiNofPipeline, GaussianPriorModel  # noqa: E402
 from dinof_diffusers.model_card import create_model_card  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +114,24 @@ def test_baseline_sample_starts_at_T_and_runs_once(app, demo, pipeline):
     assert any("temperature has no effect" in warning for warning in result.warnings)
 
 
+def test_gaussian_prior_is_the_data_moment_match_and_samples_as_a_pipeline_component(demo, pipeline):
+    """With the data known, the page also offers the moment-matched Gaussian of x(t*); sampling with it is exactly
+    `DiNofPipeline(flow_prior=GaussianPriorModel)` for the same seed."""
+    assert list(demo.priors) == ["flow", "gaussian"] and isinstance(demo.priors["gaussian"], GaussianPriorModel)
+    result = demo.sample(64, seed=2, sampler="DiNof PC", num_steps=FEW_STEPS, prior="gaussian")
+    gaussian_pipeline = DiNofPipeline(
+        unet=pipeline.unet, scheduler=pipeline.scheduler, flow_prior=demo.priors["gaussian"]
+    )
+    images, _ = pipeline_images(gaussian_pipeline, 2, 3, 64)
+    assert torch.equal(result.images, images)
+    assert result.runs[0].start == "gaussian prior at t* = 0.6" and result.x_t_star_label.startswith("gaussian")
+    # its x(t*) has the data's x(t*) per-pixel mean and variance (64 samples: within a few standard errors)
+    data = demo.data_x_t_star.flatten(1)
+    sample = result.x_t_star.flatten(1)
+    mean_error = (sample.mean(0) - data.mean(0)) / (data.std(0) / 8)
+    assert mean_error.abs().mean() < 1.2 and (sample.var(0).mean() / data.var(0).mean() - 1).abs() < 0.1
+
+
 def test_seed_and_langevin_norm_reach_the_sampler(demo):
     def sample(batch_size, seed=0, langevin_norm="batch"):
         return demo.sample(batch_size, seed, "DiNof PC", FEW_STEPS, 1.0, langevin_norm).images
@@ -136,7 +154,7 @@ def test_seed_and_langevin_norm_reach_the_sampler(demo):
         ({"num_steps": 1001}, "num_steps"),
         ({"flow_temperature": 0.0}, r"`flow_temperature` must be a number in \(0, 2.0\]"),
         ({"langevin_norm": "global"}, r"`langevin_norm` must be one of \['batch', 'sample'\]"),
-        ({"prior": "gaussian"}, r"`prior` must be one of \['flow'\]"),
+        ({"prior": "laplace"}, r"`prior` must be one of \['flow', 'gaussian'\]"),
     ],
 )
 def test_bad_settings_are_named_before_any_work(demo, setting, match):
