@@ -218,9 +218,9 @@ class DiNofDemo:
         config = self.pipeline.unet.config
         size = config.sample_size if isinstance(config.sample_size, int) else "x".join(map(str, config.sample_size))
         unet_params = sum(p.numel() for p in self.pipeline.unet.parameters())
+        sizes = {label: sum(p.numel() for p in model.parameters()) for label, model in self.priors.items()}
         prior_text = ", ".join(
-            f"{label} ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters)"
-            for label, model in self.priors.items()
+            f"{label} ({f'{size / 1e3:.0f}k parameters' if size else 'closed form'})" for label, size in sizes.items()
         )
         return (
             f"**Pipeline** `{self.name or 'in memory'}`: {self.scheduler_config.sde_type.upper()} SDE, "
