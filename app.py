@@ -30,8 +30,10 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dinof_diffusers import DiNofPipeline, DiNofScheduler, GaussianPriorModel  # noqa: E402
+from dinof_diffusers.hub_utils import is_local_path  # noqa: E402
 from dinof_diffusers.image_utils import image_grid  # noqa: E402
 from dinof_diffusers.schedulers.scheduling_dinof import LANGEVIN_NORMS  # noqa: E402
+from dinof_diffusers.validation import check_choice, check_int, check_number  # noqa: E402
 
 TITLE = "DiNof: diffusion from a normalizing-flow prior"
 DEFAULT_PIPELINE = os.environ.get("DINOF_PIPELINE", "outputs/demo/pipeline")
@@ -153,13 +155,9 @@ class DemoResult:
     warnings: List[str] = field(default_factory=list)
 
 
-def _as_int(name: str, value, low: int, high: int) -> int:
-    """`value` as an int in [low, high] (integral floats, as number fields send them, are accepted)."""
-    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got {value!r}.")
-    return int(value)
+def _check_int_in(value, name: str, low: int, high: int) -> int:
+    """An integer in [low, high], with the package's wording."""
+    return int(check_number(check_int(value, name, minimum=low), name, minimum=low, maximum=high))
 
 
 class DiNofDemo:
@@ -234,27 +232,15 @@ class DiNofDemo:
 
     def check_inputs(self, num_images, seed, sampler, num_steps, flow_temperature, langevin_norm, prior):
         """Validates a click's settings before any work; returns them normalised. Raises `ValueError`."""
-        num_images = _as_int("num_images", num_images, 1, MAX_IMAGES)
-        seed = _as_int("seed", seed, 0, SEED_MAX)
-        if sampler not in self.samplers:
-            raise ValueError(f"`sampler` must be one of {list(self.samplers)}, got {sampler!r}.")
-        num_steps = _as_int("num_steps", num_steps, 1, self.num_train_timesteps)
-        if (
-            isinstance(flow_temperature, bool)
-            or not isinstance(flow_temperature, (int, float))
-            or not 0 < flow_temperature <= MAX_TEMPERATURE
-        ):
-            raise ValueError(
-                f"`flow_temperature` must be a number in (0, {MAX_TEMPERATURE}], got {flow_temperature!r}."
-            )
+        num_images = _check_int_in(num_images, "num_images", 1, MAX_IMAGES)
+        seed = _check_int_in(seed, "seed", 0, SEED_MAX)
+        check_choice(sampler, "sampler", self.samplers)
+        num_steps = _check_int_in(num_steps, "num_steps", 1, self.num_train_timesteps)
+        check_number(flow_temperature, "flow_temperature", 0.0, MAX_TEMPERATURE, exclusive_minimum=True)
         langevin_norm = self.scheduler_config.langevin_norm if langevin_norm is None else langevin_norm
-        if langevin_norm not in LANGEVIN_NORMS:
-            raise ValueError(f"`langevin_norm` must be one of {list(LANGEVIN_NORMS)}, got {langevin_norm!r}.")
-        from_t_star = self.samplers[sampler][0]
-        if from_t_star:
-            prior = prior if prior is not None else next(iter(self.priors))
-            if prior not in self.priors:
-                raise ValueError(f"`prior` must be one of {list(self.priors)}, got {prior!r}.")
+        check_choice(langevin_norm, "langevin_norm", LANGEVIN_NORMS)
+        if self.samplers[sampler][0]:  # from a prior at t*
+            prior = next(iter(self.priors)) if prior is None else check_choice(prior, "prior", self.priors)
         return num_images, seed, sampler, num_steps, float(flow_temperature), langevin_norm, prior
 
     def steps_from(self, num_steps: int, from_t_star: bool) -> int:
@@ -698,12 +684,10 @@ def load_demo(
     pipeline_name: str, dataset_name: str = DATASET_AUTO, image_column: str = "image", device: Optional[str] = None
 ) -> DiNofDemo:
     """Loads the pipeline once (a folder or a Hub id) and, where known, its data set's images."""
-    if os.path.isdir(pipeline_name) and not os.path.isfile(os.path.join(pipeline_name, "model_index.json")):
-        raise FileNotFoundError(f"{pipeline_name!r} holds no model_index.json: not a saved DiNofPipeline.")
-    if not os.path.exists(pipeline_name) and pipeline_name == DEFAULT_PIPELINE:
-        raise FileNotFoundError(
-            f"{pipeline_name!r} does not exist: `make app` trains it first, or pass --pipeline <folder or Hub id>."
-        )
+    if is_local_path(pipeline_name) and not os.path.isfile(os.path.join(pipeline_name, "model_index.json")):
+        what = "holds no model_index.json" if os.path.isdir(pipeline_name) else "does not exist"
+        hint = " (`make app` trains it first)" if pipeline_name == DEFAULT_PIPELINE else ""
+        raise FileNotFoundError(f"--pipeline {pipeline_name!r} {what}: not a saved DiNofPipeline{hint}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = DiNofPipeline.from_pretrained(pipeline_name).to(device)
     pipeline.set_progress_bar_config(disable=True)

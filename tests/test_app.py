@@ -20,7 +20,7 @@ from trained_pipeline import digits_tensor, untrained_tiny_pipeline
 pytest.importorskip("gradio", reason="the app extra (gradio) is not installed: it needs Python >= 3.10")
 
 from dinof_diffusers import DiNofPipeline, GaussianPriorModel  # noqa: E402
-from dinof_diffusers.model_card import create_model_card  # noqa: E402
+from dinof_diffusers.training.model_card import create_model_card  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 10  # N: DiNof runs round(0.6 N) = 6 steps, the baseline 10; one corrector step each, so NFE 12 and 20
@@ -145,14 +145,16 @@ def test_seed_and_langevin_norm_reach_the_sampler(demo):
 @pytest.mark.parametrize(
     "setting, match",
     [
-        ({"num_images": 0}, r"`num_images` must be an integer in \[1, 64\]"),
-        ({"num_images": 2.5}, "num_images"),
-        ({"seed": -1}, r"`seed` must be an integer in \[0, "),
-        ({"seed": None}, "seed"),
+        ({"num_images": 0}, r"`num_images` must be an integer >= 1, got 0"),
+        ({"num_images": 65}, r"`num_images` must be a finite number in \[1, 64\], got 65"),
+        ({"num_images": 2.0}, "`num_images` must be an integer"),
+        ({"seed": -1}, r"`seed` must be an integer >= 0, got -1"),
+        ({"seed": None}, "`seed` must be an integer"),
         ({"sampler": "DiNof DDIM"}, r"`sampler` must be one of \['DiNof PC', 'baseline PC'\]"),
-        ({"num_steps": 0}, r"`num_steps` must be an integer in \[1, 1000\]"),
-        ({"num_steps": 1001}, "num_steps"),
-        ({"flow_temperature": 0.0}, r"`flow_temperature` must be a number in \(0, 2.0\]"),
+        ({"num_steps": 0}, r"`num_steps` must be an integer >= 1"),
+        ({"num_steps": 1001}, r"`num_steps` must be a finite number in \[1, 1000\]"),
+        ({"flow_temperature": 0.0}, r"`flow_temperature` must be a finite number in \(0.0, 2.0\]"),
+        ({"flow_temperature": float("nan")}, "`flow_temperature` must be a finite number"),
         ({"langevin_norm": "global"}, r"`langevin_norm` must be one of \['batch', 'sample'\]"),
         ({"prior": "laplace"}, r"`prior` must be one of \['flow', 'gaussian'\]"),
     ],
@@ -203,8 +205,10 @@ def test_load_demo_reads_the_data_set_from_the_model_card(app, pipeline, tmp_pat
     noise_std = (demo.data_x_t_star - digits_tensor()[:1000]).std().item()
     assert noise_std == pytest.approx(demo.sigma(0.6), rel=0.02)
 
-    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+    with pytest.raises(FileNotFoundError, match="holds no model_index.json"):
         app.load_demo(str(tmp_path), device="cpu")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        app.load_demo(str(tmp_path / "missing"), device="cpu")
 
 
 def test_requirements_txt_is_setup_py_install_and_app_requirements(monkeypatch):
@@ -255,7 +259,7 @@ def test_served_app_samples_through_gradio_client(served):
             assert picture.format == "PNG" and np.asarray(picture).std() > 0
     assert "| 3 | 6 |" in table and "| 5 | 10 |" in table
 
-    with pytest.raises(AppError, match=r"`seed` must be an integer in \[0, "):
+    with pytest.raises(AppError, match=r"`seed` must be an integer >= 0, got -1"):
         client.predict(2, -1, "DiNof PC", FEW_STEPS, 1.0, "batch", "flow", api_name="/sample")
 
 
