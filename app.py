@@ -46,10 +46,8 @@ SEED_MAX = 2**63 - 1
 DATASET_AUTO, DATASET_DIGITS, DATASET_NONE = "auto", "digits", "none"
 
 # ----------------------------------------------------------------------------------------------------------------------
-# What the app offers. Each sampler runs from a prior of x(t*) ("DiNof") or from the SDE prior at T ("baseline").
-# A solver is the keyword arguments of `DiNofPipeline.__call__` that select it; the ODE solvers are one line each:
-#     "ODE Heun": Solver({"sampler": "ode", "ode_solver": "heun"}, state_time=lambda pipeline, i, t: float(t)),
-#     "ODE RK45": Solver({"sampler": "ode", "ode_solver": "rk45"}, False, lambda pipeline, i, t: float(t)),
+# What the app offers. Each sampler runs from a prior of x(t*) ("DiNof") or from the SDE prior at T ("baseline"); a
+# solver is the `DiNofPipeline.__call__` keyword arguments that select it (one entry each in SOLVERS).
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -57,6 +55,11 @@ def pc_state_time(pipeline: DiNofPipeline, i: int, t: torch.Tensor) -> float:
     """The time of the PC sampler's state after its step i: the next grid point (0, the data, after the last)."""
     grid = pipeline.scheduler.timesteps
     return float(grid[i + 1]) if i + 1 < len(grid) else 0.0
+
+
+def ode_state_time(pipeline: DiNofPipeline, i: int, t: torch.Tensor) -> float:
+    """The ODE's callback receives the time its state has reached."""
+    return float(t)
 
 
 @dataclass(frozen=True)
@@ -67,15 +70,32 @@ class Solver:
         call_kwargs (`Dict`): the `DiNofPipeline.__call__` keyword arguments that select it.
         uses_steps (`bool`, defaults to `True`): `False` for adaptive solvers (N does not apply; the pipeline chooses).
         state_time (`Callable[[DiNofPipeline, int, torch.Tensor], float]`): the time of the state that
-            `callback_on_step_end(pipeline, i, t, ...)` receives (the ODE passes it as t).
+            `callback_on_step_end(pipeline, i, t, ...)` receives.
+        continuous_only (`bool`, defaults to `False`): offered for continuous-time models only (the ODE).
     """
 
     call_kwargs: Dict = field(default_factory=dict)
     uses_steps: bool = True
     state_time: Callable[[DiNofPipeline, int, torch.Tensor], float] = pc_state_time
+    continuous_only: bool = False
 
 
-SOLVERS: Dict[str, Solver] = {"PC": Solver()}
+def _ode(ode_solver: str, **kwargs) -> Solver:
+    return Solver(
+        {"sampler": "ode", "ode_solver": ode_solver, **kwargs},
+        uses_steps=ode_solver != "rk45",
+        state_time=ode_state_time,
+        continuous_only=True,
+    )
+
+
+SOLVERS: Dict[str, Solver] = {
+    "PC": Solver(),
+    "ODE Heun": _ode("heun"),
+    "ODE Heun, Karras grid": _ode("heun", timestep_spacing="karras"),
+    "ODE Euler": _ode("euler"),
+    "ODE RK45 (adaptive)": _ode("rk45"),
+}
 STARTS = {"DiNof": True, "baseline": False}  # the label -> `use_flow_prior`
 
 
@@ -194,8 +214,13 @@ class DiNofDemo:
         self.name = name
         self.priors = available_priors(pipeline, data)
         starts = [label for label, from_t_star in STARTS.items() if self.priors or not from_t_star]
+        solvers = {
+            name: solver
+            for name, solver in SOLVERS.items()
+            if scheduler.config.continuous or not solver.continuous_only
+        }
         self.samplers = {
-            f"{start} {solver}": (STARTS[start], SOLVERS[solver]) for start in starts for solver in SOLVERS
+            f"{start} {name}": (STARTS[start], solver) for start in starts for name, solver in solvers.items()
         }
         self.data_x_t_star = None
         if data is not None:
@@ -391,7 +416,8 @@ class DiNofDemo:
             return run, None, None, None, None
 
         low, high = self.data_range
-        frames.append(Frame("output", output.images[0].cpu() * (high - low) + low))
+        ending = "noise removed" if solver.call_kwargs.get("sampler", "pc") == "pc" else "x(eps), clamped"
+        frames.append(Frame(f"output\n({ending})", output.images[0].cpu() * (high - low) + low))
         for frame in frames:
             if frame.t is not None:
                 frame.sigma = self.sigma(frame.t)
@@ -438,7 +464,7 @@ def trajectory_picture(frames: List[Frame], data_range: Tuple[float, float]) -> 
         axis.set_xticks([])
         axis.set_yticks([])
         if frame.t is None:
-            axis.set_title("output\n(noise removed)\n", fontsize=9)
+            axis.set_title(f"{frame.label}\n", fontsize=9)
         else:
             axis.set_title(f"{frame.label}\nt = {frame.t:.3g}\nσ(t) = {frame.sigma:.3g}", fontsize=9)
     return _figure_to_image(figure)
@@ -480,7 +506,7 @@ def cost_table(runs: List[Run]) -> str:
         lines.append(f"| {name} | {run.start} | {steps} | {run.nfe} | {run.seconds:.2f} s |")
     if len(runs) == 2 and runs[1].nfe and runs[1].seconds > 0:
         nfe_ratio, time_ratio = runs[0].nfe / runs[1].nfe, runs[0].seconds / runs[1].seconds
-        lines.append(f"| {runs[0].name} / {runs[1].name} | | | {nfe_ratio:.2f} | {time_ratio:.2f} |")
+        lines.append(f"| ratio, shown / baseline | | | {nfe_ratio:.2f} | {time_ratio:.2f} |")
     lines.append("")
     lines.append(
         "NFE: score-network evaluations per image (the prior's pass is not counted); both runs measured here."
@@ -562,7 +588,8 @@ def build_app(demo: DiNofDemo, first_sample: bool = True, settings: Optional[Dic
                     sampler_choices,
                     value=defaults["sampler"],
                     label="Sampler",
-                    info="DiNof: prior at t*, then the reverse process; baseline: the same from the SDE prior at T.",
+                    info="DiNof: the prior at t*, then the reverse process; baseline: from the SDE prior at T. "
+                    "PC: the reverse SDE (predictor-corrector); ODE: the deterministic probability-flow ODE.",
                 )
                 prior = gr.Radio(
                     prior_choices,
@@ -577,7 +604,8 @@ def build_app(demo: DiNofDemo, first_sample: bool = True, settings: Optional[Dic
                     value=defaults["num_steps"],
                     step=1,
                     label="Number of steps N",
-                    info=f"Grid points over [eps, T]; DiNof runs the {demo.t_star:g} N of them below t*.",
+                    info=f"Grid points over [eps, T]; DiNof runs the {demo.t_star:g} N of them below t* "
+                    "(RK45 picks its own).",
                 )
                 flow_temperature = gr.Slider(
                     0.05,

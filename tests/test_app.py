@@ -150,7 +150,7 @@ def test_seed_and_langevin_norm_reach_the_sampler(demo):
         ({"num_images": 2.0}, "`num_images` must be an integer"),
         ({"seed": -1}, r"`seed` must be an integer >= 0, got -1"),
         ({"seed": None}, "`seed` must be an integer"),
-        ({"sampler": "DiNof DDIM"}, r"`sampler` must be one of \['DiNof PC', 'baseline PC'\]"),
+        ({"sampler": "DiNof DDIM"}, r"`sampler` must be one of \['DiNof PC', 'DiNof ODE Heun', "),
         ({"num_steps": 0}, r"`num_steps` must be an integer >= 1"),
         ({"num_steps": 1001}, r"`num_steps` must be a finite number in \[1, 1000\]"),
         ({"flow_temperature": 0.0}, r"`flow_temperature` must be a finite number in \(0.0, 2.0\]"),
@@ -167,6 +167,23 @@ def test_bad_settings_are_named_before_any_work(demo, setting, match):
     assert calls == []
 
 
+@pytest.mark.parametrize("sampler, ode_solver, nfe", [("DiNof ODE Heun", "heun", 5), ("DiNof ODE Euler", "euler", 3)])
+def test_ode_samplers_are_the_pipelines_own(demo, pipeline, sampler, ode_solver, nfe):
+    result = demo.sample(2, seed=4, sampler=sampler, num_steps=FEW_STEPS)
+    images, pipeline_nfe = pipeline_images(pipeline, 4, 3, 2, sampler="ode", ode_solver=ode_solver)
+    assert torch.equal(result.images, images) and result.runs[0].nfe == pipeline_nfe == nfe  # heun: 2 n - 1
+    assert result.runs[1].name == sampler.replace("DiNof", "baseline") and result.runs[1].num_steps == FEW_STEPS
+    times = [frame.t for frame in result.frames[:-1]]  # the ODE's callback times: t* down to eps
+    assert times[0] == pytest.approx(0.6) and times == sorted(times, reverse=True)
+    assert times[-1] == pytest.approx(pipeline.scheduler.sampling_eps, rel=1e-4)
+
+
+def test_discrete_models_are_offered_no_ode(app, pipeline):
+    scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, continuous=False)
+    demo = app.DiNofDemo(DiNofPipeline(unet=pipeline.unet, scheduler=scheduler, flow_prior=pipeline.flow_prior))
+    assert list(demo.samplers) == ["DiNof PC", "baseline PC"]
+
+
 def test_pictures_and_cost_table(app, demo):
     result = demo.sample(4, 0, "DiNof PC", FEW_STEPS)
     grid, table, trajectory, histogram = app.pictures(demo, result)
@@ -174,7 +191,7 @@ def test_pictures_and_cost_table(app, demo):
     assert grid.size == (2 * (8 * 16 + 2) + 2,) * 2
     assert np.asarray(grid).std() > 0
     assert "| **DiNof PC** (shown) |" in table and "| 3 | 6 |" in table and "| 5 | 10 |" in table
-    assert "| DiNof PC / baseline PC | | | 0.60 |" in table
+    assert "| ratio, shown / baseline | | | 0.60 |" in table
     for picture in (trajectory, histogram):
         assert isinstance(picture, Image.Image) and np.asarray(picture).std() > 0
 
@@ -182,8 +199,9 @@ def test_pictures_and_cost_table(app, demo):
 def test_a_pipeline_without_flow_offers_the_baseline_only(app, pipeline):
     flow_free = DiNofPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
     demo = app.DiNofDemo(flow_free)
-    assert list(demo.samplers) == ["baseline PC"] and demo.priors == {} and demo.data_x_t_star is None
-    with pytest.raises(ValueError, match="`sampler` must be one of \\['baseline PC'\\]"):
+    assert [name for name in demo.samplers if "DiNof" in name] == [] and "baseline PC" in demo.samplers
+    assert demo.priors == {} and demo.data_x_t_star is None
+    with pytest.raises(ValueError, match="`sampler` must be one of \\['baseline PC', "):
         demo.sample(1, 0, "DiNof PC", FEW_STEPS)
     assert "none (baseline sampler only)" in demo.describe()
 
