@@ -30,6 +30,11 @@ Ratios (one line each, `ratio <name> = <value>`):
 - `flow_train_step_vs_normflows`: one training step (forward NLL of a batch, backward, Adam step) of FlowPriorModel
   over the same step of normflows, from identical weights.
 
+Timings (one line each, `timing <name> = <milliseconds> ms`, no ratio: the published network is not a dependency, its
+comparison is measured once and quoted in the README): `ncsnpp_forward`, `ncsnpp_forward_backward`, the median time
+of `NCSNppModel` (the published CIFAR-10 NCSN++ config `ncsnpp-cifar10-ve`, width `--ncsnpp_nf`) on a batch of
+`--ncsnpp_batch` images, so that regressions show.
+
 The full mode uses the paper's flow (L = 3, K = 16, hidden 256, 32x32x3, batch 32) for the flow ratios and the tiny
 preset's UNet (16x16x3, batch 16, N = 1000) for the sampler ratios; `--quick` shrinks everything so that the script
 runs in seconds (the test suite runs it so that it cannot rot). Every size is a flag.
@@ -62,6 +67,8 @@ from diffusers import UNet2DModel  # noqa: E402
 from dinof_diffusers.file_utils import write_json_atomically  # noqa: E402
 from dinof_diffusers.models.flow_prior import FlowPriorModel  # noqa: E402
 from dinof_diffusers.models.glow_layout import GlowLayout  # noqa: E402
+from dinof_diffusers.models.ncsnpp import NCSNppModel  # noqa: E402
+from dinof_diffusers.models.ncsnpp_configs import NCSNPP_PUBLISHED_CONFIGS  # noqa: E402
 from dinof_diffusers.pipelines.dinof import DiNofPipeline  # noqa: E402
 from dinof_diffusers.schedulers import DiNofScheduler  # noqa: E402
 from dinof_diffusers.training.presets import get_preset  # noqa: E402
@@ -84,6 +91,9 @@ FULL = {
     "repeats": 5,
     "sampler_repeats": 4,
     "warmup": 1,
+    "ncsnpp_nf": 128,
+    "ncsnpp_resolution": 32,
+    "ncsnpp_batch": 8,
 }
 QUICK = {
     **FULL,
@@ -100,6 +110,8 @@ QUICK = {
     "repeats": 3,
     "sampler_repeats": 2,
     "warmup": 1,
+    "ncsnpp_nf": 16,
+    "ncsnpp_resolution": 16,
 }
 
 
@@ -483,6 +495,44 @@ def flow_ratios(config: dict, device: torch.device, results: Dict[str, dict]) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The score network's timings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def ncsnpp_timings(config: dict, device: torch.device, timings: Dict[str, dict]) -> None:
+    """Median forward and forward + backward times of NCSNppModel (`ncsnpp-cifar10-ve` options, training mode)."""
+    options = dict(NCSNPP_PUBLISHED_CONFIGS["ncsnpp-cifar10-ve"], nf=config["ncsnpp_nf"])
+    options["sample_size"] = config["ncsnpp_resolution"]
+    model = NCSNppModel(**options).to(device).train()
+    batch, size = config["ncsnpp_batch"], config["ncsnpp_resolution"]
+    sample = torch.rand(batch, options["in_channels"], size, size, device=device)
+    sigmas = torch.full((batch,), 1.0, device=device)
+
+    def forward():
+        with torch.no_grad():
+            model(sample, sigmas)
+
+    def forward_backward():
+        model(sample, sigmas).sample.square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    wall, cpu, _ = interleaved_medians(
+        {"ncsnpp_forward": forward, "ncsnpp_forward_backward": forward_backward},
+        config["repeats"],
+        config["warmup"],
+        device,
+    )
+    parameters = sum(p.numel() for p in model.parameters())
+    for name in wall:
+        timings[name] = {"milliseconds": 1e3 * wall[name], "cpu_milliseconds": 1e3 * cpu[name], "batch": batch}
+        print(
+            f"timing {name} = {1e3 * wall[name]:.1f} ms    NCSNppModel nf {options['nf']}, {size}x{size}, batch {batch}, "
+            f"{parameters} parameters | cpu {1e3 * cpu[name]:.1f} ms",
+            flush=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -497,7 +547,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--only", choices=["sampler", "flow"], default=None, help="Run only the sampler or only the flow ratios."
+        "--only",
+        choices=["sampler", "flow", "ncsnpp"],
+        default=None,
+        help="Run only the sampler ratios, the flow ratios or the NCSNppModel timings.",
     )
     sizes = parser.add_argument_group("sizes (default: the full mode's, or --quick's)")
     for key, value in FULL.items():
@@ -545,6 +598,9 @@ def main(argv=None) -> Dict[str, object]:
         sampler_ratios(config, device, results)
     if args.only in (None, "flow"):
         flow_ratios(config, device, results)
+    timings: Dict[str, dict] = {}
+    if args.only in (None, "ncsnpp"):
+        ncsnpp_timings(config, device, timings)
     if hasattr(os, "getloadavg"):
         env["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     total = time.perf_counter() - start
@@ -552,6 +608,7 @@ def main(argv=None) -> Dict[str, object]:
 
     bad = [name for name, entry in results.items() if not (math.isfinite(entry["value"]) and entry["value"] > 0)]
     report = {"mode": "quick" if args.quick else "full", "environment": env, "config": config, "ratios": results}
+    report["timings"] = timings
     report["seconds"] = total
     if args.output is not None:
         write_json_atomically(report, Path(args.output))

@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 # model_index.json ("dinof_diffusers", "FlowPriorModel", ...) only from modules already in sys.modules.
 from .models.flow_prior import FlowPriorModel, FlowPriorOutput  # noqa: E402
 from .models.gaussian_prior import GaussianPriorModel, GaussianPriorOutput  # noqa: E402
+from .models.ncsnpp import NCSNppModel, NCSNppOutput  # noqa: E402
 from .pipelines.dinof.likelihood import DiNofLikelihoodOutput  # noqa: E402
 from .pipelines.dinof.pipeline_dinof import DiNofPipeline, DiNofPipelineOutput  # noqa: E402
 from .schedulers.scheduling_dinof import DiNofScheduler, DiNofSchedulerOutput  # noqa: E402
@@ -20,4 +21,6 @@ __all__ = [
     "FlowPriorOutput",
     "GaussianPriorModel",
     "GaussianPriorOutput",
+    "NCSNppModel",
+    "NCSNppOutput",
 ]

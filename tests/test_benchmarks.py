@@ -82,6 +82,9 @@ def test_perf_quick_prints_finite_positive_ratios_and_writes_json(tmp_path):
     assert checks["float64_log_prob_max_relative_difference"] < 1e-8
     overhead = report["ratios"]["dinof_over_baseline"]
     assert overhead["nfe_ratio"] == pytest.approx(0.6) and overhead["ideal"] > 0.6
+    timings = dict(re.findall(r"^timing (\w+) = (\S+) ms", result.stdout, re.MULTILINE))
+    assert set(timings) == set(report["timings"]) == {"ncsnpp_forward", "ncsnpp_forward_backward"}
+    assert all(float(value) > 0 for value in timings.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
