@@ -30,10 +30,10 @@ def default_init_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 
 def conv(in_ch: int, out_ch: int, kernel_size: int, init_scale: float = 1.0, **kwargs) -> nn.Conv2d:
-    conv = nn.Conv2d(in_ch, out_ch, kernel_size, **kwargs)
-    default_init_(conv.weight, init_scale)
-    nn.init.zeros_(conv.bias)
-    return conv
+    layer = nn.Conv2d(in_ch, out_ch, kernel_size, **kwargs)
+    default_init_(layer.weight, init_scale)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 def conv3x3(in_ch: int, out_ch: int, init_scale: float = 1.0, stride: int = 1, padding: int = 1) -> nn.Conv2d:
@@ -153,7 +153,15 @@ class AttentionBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """x2 upsampling (the published `layerspp.Upsample`): nearest (+ 3x3 conv), or FIR (+ fused transposed conv)."""
+    """x2 upsampling (the published `layerspp.Upsample`): nearest (+ 3x3 conv), or FIR (+ fused transposed conv).
+
+    Only `resblock_type="ddpm"` and `progressive="residual"` use this layer, and no published config does. Two of its
+    paths do not run in the published PyTorch code: without FIR it passes `'nearest'` to `F.interpolate` as
+    `scale_factor`, and its `upsample_conv_2d` slices a tensor with a negative step and gives `conv_transpose2d` a
+    four-element stride. Here both follow their evident meaning (nearest x2; StyleGAN2's fused op, as in the JAX
+    score_sde: stride-2 transposed convolution with the flipped kernel, then the FIR filter), which agrees with the
+    published code once those three lines are corrected.
+    """
 
     def __init__(self, in_ch: int, out_ch: Optional[int], with_conv: bool, fir: bool, fir_kernel: Sequence[float]):
         super().__init__()
@@ -205,8 +213,12 @@ class Downsample(nn.Module):
         return self.conv(upfirdn2d(x, self.fir_filter, pad=((p + 1) // 2, p // 2)))
 
 
-class ResnetBlockDDPM(nn.Module):
-    """DDPM's residual block with skip rescaling (the published `ResnetBlockDDPMpp`); a NIN shortcut."""
+class _ResnetBlock(nn.Module):
+    """The residual block both published kinds share; they differ in the shortcut and the resampling.
+
+    GroupNorm -> swish -> (resampling) -> 3x3 conv, plus the projected time embedding, -> GroupNorm -> swish ->
+    dropout -> 3x3 conv; the sum with the (projected) input is divided by sqrt(2) with `skip_rescale`.
+    """
 
     _original_names = {
         "norm1": "GroupNorm_0",
@@ -214,21 +226,20 @@ class ResnetBlockDDPM(nn.Module):
         "time_emb_proj": "Dense_0",
         "norm2": "GroupNorm_1",
         "conv2": "Conv_1",
-        "nin_shortcut": "NIN_0",
     }
 
     def __init__(
         self,
         in_ch: int,
-        out_ch: Optional[int],
+        out_ch: int,
         temb_dim: int,
         dropout: float,
         skip_rescale: bool,
         init_scale: float,
+        shortcut: Optional[nn.Module],
     ):
         super().__init__()
-        out_ch = out_ch or in_ch
-        # Registered in the published order (the order of `parameters()` and of the EMA's shadow parameters).
+        # Registered in the published order, the order of `parameters()` and of the published EMA's shadow_params.
         self.norm1 = group_norm(in_ch)
         self.conv1 = conv3x3(in_ch, out_ch)
         self.time_emb_proj = nn.Linear(temb_dim, out_ch)
@@ -237,30 +248,42 @@ class ResnetBlockDDPM(nn.Module):
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv3x3(out_ch, out_ch, init_scale=init_scale)
-        self.nin_shortcut = NIN(in_ch, out_ch) if in_ch != out_ch else None
+        self.shortcut = shortcut
         self.skip_rescale = skip_rescale
 
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = F.silu(self.norm1(x))
+        h, x = self._resample(h), self._resample(x)
+        h = self.conv1(h)
         if temb is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
+        if self.shortcut is not None:
+            x = self.shortcut(x)
         return (x + h) / SQRT2 if self.skip_rescale else x + h
 
 
-class ResnetBlockBigGAN(nn.Module):
-    """BigGAN's residual block, optionally up- or down-sampling (the published `ResnetBlockBigGANpp`)."""
+class ResnetBlockDDPM(_ResnetBlock):
+    """DDPM's residual block with skip rescaling (the published `ResnetBlockDDPMpp`), NIN shortcut."""
 
-    _original_names = {
-        "norm1": "GroupNorm_0",
-        "conv1": "Conv_0",
-        "time_emb_proj": "Dense_0",
-        "norm2": "GroupNorm_1",
-        "conv2": "Conv_1",
-        "conv_shortcut": "Conv_2",
-    }
+    _original_names = {**_ResnetBlock._original_names, "shortcut": "NIN_0"}
+
+    def __init__(
+        self, in_ch: int, out_ch: Optional[int], temb_dim: int, dropout: float, skip_rescale: bool, init_scale: float
+    ):
+        out_ch = out_ch or in_ch
+        shortcut = NIN(in_ch, out_ch) if in_ch != out_ch else None
+        super().__init__(in_ch, out_ch, temb_dim, dropout, skip_rescale, init_scale, shortcut)
+
+
+class ResnetBlockBigGAN(_ResnetBlock):
+    """BigGAN's residual block (the published `ResnetBlockBigGANpp`): optionally up- or down-sampling both branches
+    after the first activation (FIR, or nearest / average pooling), 1x1 conv shortcut."""
+
+    _original_names = {**_ResnetBlock._original_names, "shortcut": "Conv_2"}
 
     def __init__(
         self,
@@ -275,41 +298,19 @@ class ResnetBlockBigGAN(nn.Module):
         up: bool = False,
         down: bool = False,
     ):
-        super().__init__()
         out_ch = out_ch or in_ch
-        self.norm1 = group_norm(in_ch)
-        self.conv1 = conv3x3(in_ch, out_ch)
-        self.time_emb_proj = nn.Linear(temb_dim, out_ch)
-        default_init_(self.time_emb_proj.weight)
-        nn.init.zeros_(self.time_emb_proj.bias)
-        self.norm2 = group_norm(out_ch)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = conv3x3(out_ch, out_ch, init_scale=init_scale)
-        self.conv_shortcut = conv1x1(in_ch, out_ch) if (in_ch != out_ch or up or down) else None
+        shortcut = conv1x1(in_ch, out_ch) if (in_ch != out_ch or up or down) else None
+        super().__init__(in_ch, out_ch, temb_dim, dropout, skip_rescale, init_scale, shortcut)
         self.up, self.down, self.fir = up, down, fir
         if fir and (up or down):
             self.register_buffer("fir_filter", fir_kernel_2d(fir_kernel), persistent=False)
-        self.skip_rescale = skip_rescale
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
-            return (
-                fir_upsample_2d(x, self.fir_filter) if self.fir else F.interpolate(x, scale_factor=2, mode="nearest")
-            )
+            return fir_upsample_2d(x, self.fir_filter) if self.fir else F.interpolate(x, scale_factor=2.0)
         if self.down:
             return fir_downsample_2d(x, self.fir_filter) if self.fir else F.avg_pool2d(x, 2, stride=2)
         return x
-
-    def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = F.silu(self.norm1(x))
-        h, x = self._resample(h), self._resample(x)
-        h = self.conv1(h)
-        if temb is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return (x + h) / SQRT2 if self.skip_rescale else x + h
 
 
 class Combine(nn.Module):
