@@ -175,6 +175,10 @@ def test_parameter_counts_of_the_seven_published_configs():
         counts = NCSNPP_PUBLISHED_PARAMETER_COUNTS[name]
         assert sum(p.numel() for p in model.parameters()) == counts["total"], name
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == counts["trainable"], name
+    with torch.device("meta"):
+        default = NCSNppModel()
+    expected = NCSNPP_PUBLISHED_CONFIGS["ncsnpp-cifar10-ve"]
+    assert {key: default.config[key] for key in expected} == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -270,14 +274,16 @@ def test_key_errors_are_clear_and_the_data_parallel_prefix_is_accepted():
         ("nonlinearity", "elu", "`nonlinearity` must be 'swish'"),
         ("attention_type", "legacy", "`attention_type` must be 'ddpm'"),
         ("conv_size", 5, "`conv_size` must be 3"),
-        ("resblock_type", "BigGAN", "`resblock_type` must be one of \\('biggan', 'ddpm'\\)"),
+        ("resblock_type", "BigGAN", "`resblock_type` must be one of \\['biggan', 'ddpm'\\]"),
         ("progressive", "input_skip", "`progressive` must be one of"),
         ("progressive_input", "output_skip", "`progressive_input` must be one of"),
         ("progressive_combine", "max", "`progressive_combine` must be one of"),
         ("embedding_type", "learned", "`embedding_type` must be one of"),
-        ("sample_size", 7, "`sample_size` must be a positive integer divisible by 2"),
+        ("sample_size", 7, "`sample_size` must be divisible by 2"),
+        ("ch_mult", (1, 0), "`ch_mult` must be an integer >= 1"),
+        ("dropout", 1.5, "`dropout` must be a finite number in"),
         ("nf", 15, "GroupNorm"),
-        ("sigma_min", 60.0, "sigma_min"),
+        ("sigma_min", 60.0, "`sigma_max` must be a finite number > 60.0"),
     ],
 )
 def test_config_refusals(option, value, match):

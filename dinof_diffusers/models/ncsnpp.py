@@ -24,6 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..validation import check_choice, check_int, check_number, check_positive_int
 from .ncsnpp_layers import (
     SQRT2,
     AttentionBlock,
@@ -75,29 +76,30 @@ class NCSNppOutput(BaseOutput):
     sample: torch.Tensor = None
 
 
-def _check_choice(value, name: str, choices: Sequence) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
-
-
 class NCSNppModel(ModelMixin, ConfigMixin):
     r"""NCSN++ / DDPM++ (Song et al., 2021), the score network of every published DiNof config.
 
     Call it like `UNet2DModel`: `model(sample, timestep).sample`. `timestep` is what the published `get_score_fn`
     feeds the network (T = 1, t in [eps, T], N = `num_scales`):
 
-    | model (published config)                  | `timestep`                          | output               |
-    |-------------------------------------------|-------------------------------------|----------------------|
-    | VE continuous (`embedding_type="fourier"`) | sigma(t), the marginal std          | score (output/sigma) |
-    | VE discrete, SMLD (`"positional"`)          | label round((T - t)(N - 1)), integer | score (output/sigma_label) |
-    | VP / sub-VP continuous (`"positional"`)     | 999 t                               | noise prediction     |
-    | VP discrete, DDPM (`"positional"`)          | t (N - 1), float                    | noise prediction     |
+    | published model       | embedding    | `timestep`                          | output                       |
+    |-----------------------|--------------|-------------------------------------|------------------------------|
+    | VE continuous         | `fourier`    | sigma(t), the marginal std          | score: net(x) / sigma        |
+    | VE discrete (SMLD)    | `positional` | integer label round((T - t)(N - 1)) | score: net(x) / sigma_label  |
+    | VP, sub-VP continuous | `positional` | 999 t                               | noise: score = -output / std |
+    | VP discrete (DDPM)    | `positional` | t (N - 1), a float                  | noise: score = -output / std |
 
     The SMLD label indexes the network's *descending* noise levels sigma_label = exp(log sigma_max + label / (N - 1)
     (log sigma_min - log sigma_max)): label 0 is sigma_max. With `scale_by_sigma` the network divides its output by
-    sigma (the timestep itself for Fourier features, sigma_label of the truncated label for positional ones).
-    `centered=False` means the input is in [0, 1] and is mapped to 2x - 1 first (VE configs); VP configs feed
-    centered data in [-1, 1].
+    sigma: the timestep itself with Fourier features, sigma_label of the (truncated) label with positional ones.
+    `centered=False` means the input is in [0, 1] and is mapped to 2x - 1 first (the VE configs); the VP and sub-VP
+    configs feed data in [-1, 1] (`centered=True`). The defaults are the CIFAR-10 NCSN++ VE config
+    (`NCSNPP_PUBLISHED_CONFIGS["ncsnpp-cifar10-ve"]`, in `ncsnpp_configs.py` with the other six).
+
+    Attention follows the layout built for `sample_size` (the levels whose resolution is in `attn_resolutions`); the
+    published code decides it from the width of the input, which is the same at `sample_size`. The Gaussian Fourier
+    features' weight is a parameter with `requires_grad=False`, as published: counted by `parameters()`, never
+    trained, absent from the published EMA.
 
     Args:
         sample_size (`int`): input height = width; sets which levels have attention (`attn_resolutions`).
@@ -171,26 +173,28 @@ class NCSNppModel(ModelMixin, ConfigMixin):
                     f"`{name}` must be {ONLY_PUBLISHED_VALUES[name]!r} (the only value of the published NCSN++ "
                     f"configs), got {value!r}."
                 )
-        _check_choice(resblock_type, "resblock_type", RESBLOCK_TYPES)
-        _check_choice(progressive, "progressive", PROGRESSIVE_TYPES)
-        _check_choice(progressive_input, "progressive_input", PROGRESSIVE_INPUT_TYPES)
-        _check_choice(progressive_combine, "progressive_combine", PROGRESSIVE_COMBINE_TYPES)
-        _check_choice(embedding_type, "embedding_type", EMBEDDING_TYPES)
+        check_choice(resblock_type, "resblock_type", RESBLOCK_TYPES)
+        check_choice(progressive, "progressive", PROGRESSIVE_TYPES)
+        check_choice(progressive_input, "progressive_input", PROGRESSIVE_INPUT_TYPES)
+        check_choice(progressive_combine, "progressive_combine", PROGRESSIVE_COMBINE_TYPES)
+        check_choice(embedding_type, "embedding_type", EMBEDDING_TYPES)
         for name, value in (("nf", nf), ("num_res_blocks", num_res_blocks), ("in_channels", in_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if len(ch_mult) == 0 or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in ch_mult):
-            raise ValueError(f"`ch_mult` must be a non-empty sequence of positive integers, got {ch_mult!r}.")
+            check_positive_int(value, name)
+        if len(ch_mult) == 0:
+            raise ValueError("`ch_mult` must name at least one resolution level, got an empty sequence.")
+        for mult in ch_mult:
+            check_positive_int(mult, "ch_mult")
         num_levels = len(ch_mult)
-        if not isinstance(sample_size, int) or sample_size < 1 or sample_size % 2 ** (num_levels - 1):
+        check_positive_int(sample_size, "sample_size")
+        if sample_size % 2 ** (num_levels - 1):
             raise ValueError(
-                f"`sample_size` must be a positive integer divisible by 2 ** (len(ch_mult) - 1) = "
-                f"{2 ** (num_levels - 1)}, got {sample_size!r}."
+                f"`sample_size` must be divisible by 2 ** (len(ch_mult) - 1) = {2 ** (num_levels - 1)}, got "
+                f"{sample_size!r}."
             )
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"Need 0 < `sigma_min` < `sigma_max`, got {sigma_min!r}, {sigma_max!r}.")
-        if isinstance(num_scales, bool) or not isinstance(num_scales, int) or num_scales < 2:
-            raise ValueError(f"`num_scales` must be an integer >= 2, got {num_scales!r}.")
+        check_number(dropout, "dropout", 0.0, 1.0)
+        check_number(sigma_min, "sigma_min", 0.0, exclusive_minimum=True)
+        check_number(sigma_max, "sigma_max", sigma_min, exclusive_minimum=True)
+        check_int(num_scales, "num_scales", minimum=2)
 
         # The published module order (its `all_modules` indices), as names of this model's submodules.
         self._original_order: List[str] = []
