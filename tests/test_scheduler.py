@@ -433,6 +433,13 @@ def test_config_round_trip(tmp_path):
         ({"sde_type": "subvp", "predictor": "ancestral"}, "ancestral"),
         ({"sde_type": "subvp", "continuous": False}, "continuous"),
         ({"sigma_min": 60.0}, "sigma_min"),
+        # non-finite values, also for the SDE not in use (they are saved with the config)
+        ({"sigma_max": float("inf")}, "sigma_max"),
+        ({"sigma_min": float("nan")}, "sigma_min"),
+        ({"sde_type": "vp", "beta_max": float("inf")}, "beta_max"),
+        ({"sde_type": "subvp", "beta_min": float("nan")}, "beta_min"),
+        ({"beta_max": float("inf")}, "beta_max"),
+        ({"sampling_eps": float("nan")}, "sampling_eps"),
     ],
 )
 def test_bad_config_raises(kwargs, name):

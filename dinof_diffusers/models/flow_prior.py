@@ -74,8 +74,8 @@ class FlowPriorOutput(BaseOutput):
             log p(x) in nats.
     """
 
-    latents: List[torch.Tensor]
-    log_prob: torch.Tensor
+    latents: Optional[List[torch.Tensor]] = None
+    log_prob: Optional[torch.Tensor] = None
 
 
 def squeeze2d(x: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,8 @@ class DiNofSchedulerOutput(BaseOutput):
             output ("noise removal").
     """
 
-    prev_sample: torch.Tensor
-    prev_sample_mean: torch.Tensor
+    prev_sample: Optional[torch.Tensor] = None
+    prev_sample_mean: Optional[torch.Tensor] = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -325,6 +325,11 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         check_number(snr, "snr", minimum=0.0, exclusive_minimum=True)
         check_int(correct_steps, "correct_steps", minimum=0)
         check_number(flow_start, "flow_start", minimum=0.0, maximum=1.0, exclusive_minimum=True)
+        # every noise level must be finite, also those of the SDE not in use (they are saved with the config)
+        noise_levels = {"sigma_min": sigma_min, "sigma_max": sigma_max, "beta_min": beta_min, "beta_max": beta_max}
+        for name, value in noise_levels.items():
+            check_number(value, name, minimum=0.0, exclusive_minimum=True)
+        check_number(sampling_eps, "sampling_eps", minimum=0.0, exclusive_minimum=True, allow_none=True)
         if sde_type == "ve" and not 0.0 < sigma_min < sigma_max:
             raise ValueError(
                 f"`sigma_min` and `sigma_max` must satisfy 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}."
