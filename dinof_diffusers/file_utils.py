@@ -2,19 +2,27 @@
 interrupts the writer.
 
 Everything is written under a temporary name starting with ".tmp-" beside its destination, then renamed into place;
-`remove_temporary_files` clears what an interrupted writer left behind.
+`remove_temporary_files` clears what an interrupted writer left behind. A folder that also holds other things (a
+pipeline beside its checkpoints) is updated with `swap_folder_contents`, which `finish_interrupted_swap` completes
+after a kill. Disk-full errors and unwritable output folders get messages that name the path and the free space.
 """
 
+import errno
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Iterator, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 TEMPORARY_PREFIX = ".tmp-"
 FOLDER_EXISTS_POLICIES = ("replace", "keep", "raise")
+# `swap_folder_contents`: the complete new contents while they are moved in, and the old contents they replace. Not
+# ".tmp-" names: `remove_temporary_files` must not delete a complete new version before the swap is finished.
+SWAP_NEW = ".swap-new"
+SWAP_OLD = ".swap-old"
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextmanager
@@ -129,10 +137,121 @@ def remove_temporary_files(folder: PathLike) -> None:
     if not os.path.isdir(folder):
         return
     for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if not name.startswith(TEMPORARY_PREFIX):
-            continue
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+        if name.startswith(TEMPORARY_PREFIX):
+            _remove(os.path.join(folder, name))
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` is an `OSError` for a full disk or an exhausted quota."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def free_space_message(path: PathLike) -> str:
+    """ "<free> GiB free on the file system of <path>" (of its nearest existing parent folder)."""
+    folder = os.path.abspath(os.fspath(path))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free"
+    except OSError:
+        free = "free space unknown"
+    return f"{free} on the file system of {folder}"
+
+
+def check_writable_folder(path: PathLike, name: str) -> str:
+    """Creates the folder `path` if needed and checks that a file can be written in it; returns its absolute path.
+
+    Args:
+        path: the folder.
+        name: what to call it in the error (a flag such as "--output_dir", or an argument name).
+
+    Raises:
+        ValueError: `path` is a file, or the folder cannot be created or written to (the message names `name`).
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} is a file, not a folder.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=TEMPORARY_PREFIX):
+            pass
+    except OSError as error:
+        reason = free_space_message(path) if is_disk_full(error) else error.strerror or str(error)
+        raise ValueError(f"{name} {path!r} cannot be written to: {reason}.") from None
+    return path
+
+
+def swap_folder_contents(staging: PathLike, folder: PathLike, commit_name: str, remove: Iterable[str] = ()) -> None:
+    """Replaces entries of `folder` by the complete contents of `staging`, safe against a kill at any moment.
+
+    A folder holding other things as well (a pipeline beside its training checkpoints) cannot be swapped in one
+    rename. Instead, the file `commit_name` (e.g. "model_index.json", what makes the folder a pipeline) commits the
+    swap:
+
+    1. `staging` is renamed to `folder/.swap-new`: from here on the new contents are complete, and the swap is
+       decided; `finish_interrupted_swap` completes it after a kill.
+    2. every other entry of `.swap-new` replaces its namesake in `folder`, which is first moved into `folder/.swap-old`;
+       so are the entries named in `remove` that the new contents lack (stale parts of the old contents).
+    3. `commit_name` replaces the folder's in one rename (`os.replace`): the swap is done.
+    4. `.swap-old` and the empty `.swap-new` are deleted.
+
+    Until step 3 the old `commit_name` stays in place; a reader that finds a `.swap-new` holding a `commit_name` must
+    call `finish_interrupted_swap` first (`DiNofPipeline.from_pretrained` does). A kill before step 1 leaves the old
+    contents untouched (and `staging`, for `remove_temporary_files`).
+
+    Args:
+        staging: a complete new version, holding `commit_name`, on the file system of `folder` (e.g. a ".tmp-" folder
+            inside it).
+        folder: the folder to update.
+        commit_name: the entry that is moved last.
+        remove: entries of the old contents to delete if the new contents do not replace them.
+    """
+    if not os.path.isfile(os.path.join(staging, commit_name)):
+        raise ValueError(f"{os.fspath(staging)!r} holds no {commit_name!r}: it is not a complete new version.")
+    finish_interrupted_swap(folder, commit_name)  # an earlier swap into this folder that was killed midway
+    os.replace(staging, os.path.join(folder, SWAP_NEW))
+    _complete_swap(folder, commit_name, remove)
+
+
+def finish_interrupted_swap(folder: PathLike, commit_name: str) -> Optional[str]:
+    """Completes a `swap_folder_contents` into `folder` that was killed midway; does nothing if there is none.
+
+    Returns:
+        `None` if there was nothing to finish, else a sentence saying what was done.
+
+    Raises:
+        OSError: the swap could not be completed (e.g. the folder is read-only).
+    """
+    new = os.path.join(folder, SWAP_NEW)
+    if not os.path.lexists(new) and not os.path.lexists(os.path.join(folder, SWAP_OLD)):
+        return None
+    committed = not os.path.lexists(os.path.join(new, commit_name))
+    _complete_swap(folder, commit_name)
+    if committed:
+        return f"removed the leftovers of a completed update of {os.fspath(folder)!r}"
+    return f"completed an update of {os.fspath(folder)!r} that was interrupted (the new version is in place)"
+
+
+def _complete_swap(folder: PathLike, commit_name: str, remove: Iterable[str] = ()) -> None:
+    """Steps 2 to 4 of `swap_folder_contents`; each step is repeatable, so that a second call finishes a killed one."""
+    new, old = os.path.join(folder, SWAP_NEW), os.path.join(folder, SWAP_OLD)
+    if os.path.lexists(os.path.join(new, commit_name)):  # not committed yet
+        os.makedirs(old, exist_ok=True)
+        incoming = sorted(name for name in os.listdir(new) if name != commit_name)
+        for name in incoming + [name for name in remove if name not in incoming and name != commit_name]:
+            current, aside = os.path.join(folder, name), os.path.join(old, name)
+            if os.path.lexists(current):
+                _remove(aside)  # left by an earlier attempt: an older version still
+                os.replace(current, aside)
+            if name in incoming:
+                os.replace(os.path.join(new, name), current)
+        os.replace(os.path.join(new, commit_name), os.path.join(folder, commit_name))  # the commit
+    _remove(old)
+    _remove(new)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
