@@ -39,11 +39,17 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from dinof_diffusers.file_utils import remove_temporary_files
+from dinof_diffusers.file_utils import check_writable_folder, finish_interrupted_swap, remove_temporary_files
 from dinof_diffusers.image_utils import save_image_atomically
 from dinof_diffusers.schedulers import DiNofScheduler
 from dinof_diffusers.training import RunConfig, TrainingError, build_models, checkpoints, resolve_run_config
-from dinof_diffusers.training.data import TrainingImages, image_transforms, load_training_dataset, reference_images
+from dinof_diffusers.training.data import (
+    TrainingImages,
+    check_images,
+    image_transforms,
+    load_training_dataset,
+    reference_images,
+)
 from dinof_diffusers.training.losses import flow_nll_loss, nats_to_bits_per_dim, score_matching_loss
 from dinof_diffusers.training.model_card import run_model_card
 from dinof_diffusers.training.run_config import run_config_parser
@@ -57,9 +63,11 @@ def parse_args(input_args=None) -> RunConfig:
     parser = run_config_parser(description="Train a DiNof model (score network + normalizing flow prior).")
     args = parser.parse_args(input_args)
     try:
-        return resolve_run_config(args)  # preset < pretrained model < flags; every check, before anything is loaded
-    except TrainingError as error:
+        run = resolve_run_config(args)  # preset < pretrained model < flags; every check, before anything is loaded
+        check_writable_folder(run.output_dir, "--output_dir")
+    except (TrainingError, ValueError) as error:
         parser.error(str(error))
+    return run
 
 
 def main(run: RunConfig):
@@ -77,7 +85,16 @@ def main(run: RunConfig):
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_main_process:
         os.makedirs(run.output_dir, exist_ok=True)
+        repaired = finish_interrupted_swap(run.output_dir, checkpoints.PIPELINE_INDEX_NAME)  # a killed final save
+        if repaired:
+            logger.warning("%s.", repaired[0].upper() + repaired[1:])
         remove_temporary_files(run.output_dir)  # what an interrupted run was writing
+    accelerator.wait_for_everyone()
+    # the checkpoint to resume, checked (and its settings compared below) before any data is loaded; every process
+    # comes to the same choice
+    resume_path, resume_warnings = checkpoints.checkpoint_to_resume(
+        run.output_dir, run.resume_from_checkpoint, accelerator.num_processes
+    )
     set_seed(run.seed)
 
     # 1. models and scheduler; the score network's training times are those of a scheduler with t* = T for
@@ -93,12 +110,23 @@ def main(run: RunConfig):
     score_scheduler = scheduler
     if run.score_time_range == "full":
         score_scheduler = DiNofScheduler.from_config(scheduler.config, flow_start=1.0)
+    record = checkpoints.run_record(run, unet, flow_prior)  # written into every checkpoint (run_config.json)
+    if resume_path is not None:
+        saved_record = checkpoints.read_run_record(resume_path)
+        if saved_record is None:
+            resume_warnings.append(f"{resume_path} has no run_config.json: its settings cannot be compared.")
+        else:
+            resume_warnings += checkpoints.compare_run_records(saved_record, record, resume_path)
+    for warning in resume_warnings:
+        logger.warning(warning)
 
     # 2. data: augmentation seeded by (seed, epoch, index); the loader's own generator, so that creating an iterator
     # (which draws a worker seed) leaves the global RNG alone: a resumed run creates one at another point of the run
     dataset, dataset_description = load_training_dataset(run)
-    grid_images = reference_images(dataset, run, scheduler.data_range).to(accelerator.device)
+    if run.strict_images:
+        check_images(dataset, run.image_column)  # every image decodes, or stop with the list of those that do not
     train_images = TrainingImages(dataset, run.image_column, image_transforms(run, scheduler.data_range), run.seed)
+    grid_images = reference_images(train_images.read, run, scheduler.data_range).to(accelerator.device)
     train_dataloader = torch.utils.data.DataLoader(
         train_images,
         batch_size=run.train_batch_size,
@@ -148,14 +176,14 @@ def main(run: RunConfig):
     accelerator.register_for_checkpointing(lr_scheduler, state, *emas.values())
 
     # 5. resume
-    resume_path = checkpoints.checkpoint_to_resume(run.output_dir, run.resume_from_checkpoint)
     if resume_path is not None:
         logger.info("Resuming from %s", resume_path)
-        accelerator.load_state(resume_path)
+        try:
+            accelerator.load_state(resume_path)
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
+            raise TrainingError(f"The checkpoint {resume_path} cannot be loaded into this run: {error}") from error
         for ema in emas.values():
             ema.to(accelerator.device)
-    elif run.resume_from_checkpoint is not None:
-        logger.info("No checkpoint in %s: starting a new run.", run.output_dir)
     # Every process draws its own noise from here on (and a resumed run restores these RNG states).
     if state.global_step == 0:
         set_seed(run.seed, device_specific=True)
@@ -182,9 +210,9 @@ def main(run: RunConfig):
     def save_sample_grid(step):
         """Samples with the EMA weights (main process only); writes the grid and logs it."""
         if step not in last_grid:
-            grid, images, nfe = sample_grid(
-                run, make_pipeline(scheduler=scheduler, **averaged_networks()), grid_images
-            )
+            logger.info("Drawing the sample grid of step %d (%d images).", step, run.num_sample_images)
+            pipeline = make_pipeline(scheduler=scheduler, show_progress=True, **averaged_networks())
+            grid, images, nfe = sample_grid(run, pipeline, grid_images)
             save_image_atomically(grid, os.path.join(run.output_dir, "samples", f"step-{step:07d}.png"))
             log_sample_grid(accelerator.trackers, grid, images, step)
             last_grid.clear()
@@ -272,18 +300,17 @@ def main(run: RunConfig):
             accelerator.log(logs, step=state.global_step)
             window_losses, window_batches, window_finite = torch.zeros(2, device=accelerator.device), 0, True
 
-            if consecutive_nonfinite >= run.max_consecutive_nonfinite:
+            stop_reason = state.nonfinite_stop_reason(consecutive_nonfinite, max_train_steps, run)
+            if stop_reason is not None:
                 saved = checkpoints.list_checkpoints(run.output_dir)
                 accelerator.end_training()
                 raise TrainingError(
-                    f"Stopping at step {state.global_step}: {consecutive_nonfinite} optimisation steps in a row had a "
-                    f"non-finite loss or gradient norm (--max_consecutive_nonfinite {run.max_consecutive_nonfinite}). "
-                    f"No weights were updated by them; the last checkpoint is "
-                    f"{saved[-1] if saved else 'none (no checkpoint was saved yet)'}."
+                    f"Stopping at step {state.global_step}: {stop_reason}. No weights were updated by the skipped "
+                    f"steps; the last checkpoint is {saved[-1] if saved else 'none (no checkpoint was saved yet)'}."
                 )
             if state.global_step % run.checkpointing_steps == 0:
                 path = checkpoints.save_checkpoint(
-                    accelerator, run.output_dir, state.global_step, run.checkpoints_total_limit
+                    accelerator, run.output_dir, state.global_step, run.checkpoints_total_limit, record
                 )
                 logger.info("Saved state to %s", path)
             if state.global_step % run.save_images_steps == 0:
@@ -301,6 +328,7 @@ def main(run: RunConfig):
         checkpoints.write_replica_hashes(path, unwrapped, averaged_networks())
 
     if accelerator.is_main_process:
+        checkpoints.check_finite_weights(averaged_networks())  # nothing is saved from non-finite weights
         grid, nfe = save_sample_grid(state.global_step)
         pipeline = make_pipeline(scheduler=scheduler, **averaged_networks())
         card = run_model_card(

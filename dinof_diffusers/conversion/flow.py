@@ -21,12 +21,13 @@ import argparse
 import os
 import pickle
 import sys
+import zipfile
 from collections.abc import Mapping
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..file_utils import atomic_folder_path
+from ..file_utils import atomic_folder_path, check_writable_folder, free_space_message, is_disk_full
 from ..models.flow_prior import FlowPriorModel
 from ..models.glow_layout import (
     BUFFER_NAMES,
@@ -131,9 +132,17 @@ def load_checkpoint(path: str):
     """`torch.load(path, map_location="cpu", weights_only=True)` with clear errors."""
     if not os.path.isfile(path):
         raise ValueError(f"`checkpoint` {path!r} is not a file.")
+    damaged = (
+        f"`checkpoint` {path!r} cannot be read as a torch checkpoint ({os.path.getsize(path)} bytes): it is truncated, "
+        "damaged or not a .pth file"
+    )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{damaged}. Details: {error}") from error
     except pickle.UnpicklingError as error:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one has no central directory
+            raise ValueError(f"{damaged}. Details: {error}") from error
         raise ValueError(
             f"{path!r} cannot be loaded with torch.load(weights_only=True) (it pickles more than tensors and plain "
             "containers). Re-save just the flow: torch.save(torch.load(path, weights_only=False)['model_1'], "
@@ -241,6 +250,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
     try:
+        # before the conversion: the folder that will hold --output_dir must be writable
+        check_writable_folder(os.path.dirname(os.path.abspath(args.output_dir)), "The folder of --output_dir")
         model, info = convert_checkpoint(
             args.checkpoint,
             args.output_dir,
@@ -253,6 +264,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     except ValueError as error:
         print(f"dinof-convert-flow: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        message = f"the disk is full: {args.output_dir!r} was not written ({free_space_message(args.output_dir)})"
+        print(f"dinof-convert-flow: error: {message}", file=sys.stderr)
         return 1
     num_params = sum(p.numel() for p in model.parameters())
     cfg = {k: model.config[k] for k in ("sample_size", "in_channels", "num_levels", "flow_depth", "hidden_channels")}

@@ -96,7 +96,15 @@ class RunConfig:
         group="data",
     )
     dataset_config_name: Optional[str] = _flag(None, "The config of the data set.")
-    train_data_dir: Optional[str] = _flag(None, "A folder of images, read as a `datasets` imagefolder.")
+    train_data_dir: Optional[str] = _flag(
+        None, "A folder of images, read as a `datasets` imagefolder (a metadata.csv in it selects the images)."
+    )
+    strict_images: bool = _flag(
+        False,
+        "Check that every image decodes before training and stop with the list of those that do not; by default an "
+        "unreadable image is logged and replaced by the next readable one.",
+        action="store_true",
+    )
     image_column: str = _flag("image", "The data set column holding the images.")
     cache_dir: Optional[str] = _flag(None, "Where downloaded data sets and models are stored.")
     resolution: Optional[int] = _flag(
@@ -186,6 +194,12 @@ class RunConfig:
         "Stop after this many optimisation steps in a row skipped for a non-finite loss or gradient norm.",
         type=int,
     )
+    max_nonfinite_fraction: float = _flag(
+        0.1,
+        "Stop when more than this fraction of the steps were skipped for a non-finite loss or gradient norm, judged "
+        "over the steps so far but never over fewer than the first 100 (or all, in a shorter run).",
+        type=float,
+    )
 
     checkpointing_steps: int = _flag(500, "Save the training state every N.", group="checkpoints", type=int)
     checkpoints_total_limit: Optional[int] = _flag(None, "Keep at most N checkpoints.", type=int)
@@ -257,8 +271,10 @@ class RunConfig:
         return {"sample_size": self.resolution, "in_channels": self.num_channels, **flow}
 
     def tracker_config(self) -> Dict[str, Any]:
-        """The flags as plain values (numbers, strings, booleans; anything else as a string) for the trackers."""
+        """The flags but the Hub token as plain values (numbers, strings, booleans; anything else as a string) for the
+        trackers."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("resolved")}
+        values.pop("hub_token")  # a secret
         return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
 
 
@@ -367,6 +383,8 @@ def _check_flags(flags: Dict[str, Any], defaults: Dict[str, Any]) -> None:
     resume = flags["resume_from_checkpoint"]
     if resume not in (None, "latest") and not os.path.isdir(resume):
         raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder (or 'latest').")
+    if os.path.exists(flags["output_dir"]) and not os.path.isdir(flags["output_dir"]):
+        raise ValueError(f"--output_dir {flags['output_dir']!r} is a file, not a folder.")
 
     for flag in dataclasses.fields(RunConfig):  # the choices argparse offers (None where it means "not given")
         allowed = flag.metadata.get("argparse", {}).get("choices")
@@ -386,7 +404,12 @@ def _check_flags(flags: Dict[str, Any], defaults: Dict[str, Any]) -> None:
     for name in ("learning_rate", "sigma_max", "snr", "max_grad_norm"):
         check_number(flags[name], f"--{name}", minimum=0.0, exclusive_minimum=True, allow_none=True)
     check_number(flags["ema_decay"], "--ema_decay", 0.0, 1.0, exclusive_maximum=True, allow_none=True)
-    check_number(flags["flow_loss_weight"], "--flow_loss_weight", minimum=0.0)
+    for name in ("adam_beta1", "adam_beta2"):
+        check_number(flags[name], f"--{name}", 0.0, 1.0, exclusive_maximum=True)
+    check_number(flags["adam_epsilon"], "--adam_epsilon", minimum=0.0, exclusive_minimum=True)
+    for name in ("flow_loss_weight", "adam_weight_decay"):
+        check_number(flags[name], f"--{name}", minimum=0.0)
+    check_number(flags["max_nonfinite_fraction"], "--max_nonfinite_fraction", 0.0, 1.0)
 
 
 def _unet_settings(config: Mapping[str, Any]) -> Dict[str, Any]:

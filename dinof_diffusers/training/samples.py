@@ -22,10 +22,11 @@ def averaged_copy(model: Optional[torch.nn.Module], ema) -> Optional[torch.nn.Mo
     return averaged
 
 
-def make_pipeline(unet, flow_prior, scheduler: DiNofScheduler) -> DiNofPipeline:
-    """A DiNofPipeline around the given networks (with a scheduler of its own: sampling sets its timesteps)."""
+def make_pipeline(unet, flow_prior, scheduler: DiNofScheduler, show_progress: bool = False) -> DiNofPipeline:
+    """A DiNofPipeline around the given networks (with a scheduler of its own: sampling sets its timesteps); with
+    `show_progress`, sampling shows a progress bar that disappears when done."""
     pipeline = DiNofPipeline(unet=unet, scheduler=DiNofScheduler.from_config(scheduler.config), flow_prior=flow_prior)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline.set_progress_bar_config(disable=not show_progress, desc="Sample grid", leave=False)
     return pipeline
 
 

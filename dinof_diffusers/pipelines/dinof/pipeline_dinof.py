@@ -17,6 +17,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from ...file_utils import SWAP_NEW, finish_interrupted_swap
 from ...hub_utils import is_local_path
 from ...models.flow_prior import FlowPriorModel
 from ...models.gaussian_prior import GaussianPriorModel
@@ -81,6 +82,20 @@ def check_prior_matches_scheduler(flow_prior, scheduler) -> None:
             )
 
 
+def _finish_interrupted_save(folder: str, index_name: str) -> None:
+    """Completes a save into `folder` that was killed midway (see `file_utils.swap_folder_contents`), or explains."""
+    try:
+        done = finish_interrupted_swap(folder, index_name)
+    except OSError as error:
+        raise OSError(
+            f"{folder!r} holds a pipeline whose saving was interrupted (its new version is in "
+            f"{os.path.join(folder, SWAP_NEW)!r}), and completing it failed: {error}. Rerun with write access to the "
+            "folder (or run train.py with this --output_dir once more)."
+        ) from error
+    if done:
+        logger.warning("%s.", done[0].upper() + done[1:])
+
+
 @dataclass
 class DiNofPipelineOutput(BaseOutput):
     """Output of `DiNofPipeline.__call__`.
@@ -91,8 +106,8 @@ class DiNofPipelineOutput(BaseOutput):
         nfe (`int`): the number of score-network evaluations made (the flow pass is not counted).
     """
 
-    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
-    nfe: int
+    images: Optional[Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]] = None
+    nfe: Optional[int] = None
 
 
 class DiNofPipeline(DiffusionPipeline):
@@ -182,6 +197,11 @@ class DiNofPipeline(DiffusionPipeline):
 
             download_kwargs = {k: kwargs.pop(k) for k in _DOWNLOAD_KWARGS if k in kwargs}
             path = snapshot_download(path, **download_kwargs)
+        else:
+            _finish_interrupted_save(path, cls.config_name)
+        for key in ("dtype", "torch_dtype"):  # the flow prior runs in float32 (see `__call__`): load it so
+            if isinstance(kwargs.get(key), torch.dtype) and kwargs[key] != torch.float32:
+                kwargs[key] = {"default": kwargs[key], "flow_prior": torch.float32}
         pipeline = super().from_pretrained(path, **kwargs)
         return pipeline
 
@@ -439,7 +459,8 @@ class DiNofPipeline(DiffusionPipeline):
                 latents = randn_tensor(image_shape, generator=generator, device=device, dtype=torch.float32)
             if self.flow_prior.dtype != torch.float32:
                 logger.warning("The flow prior runs in float32; casting it from %s.", self.flow_prior.dtype)
-                self.flow_prior.to(dtype=torch.float32)
+                # not ModelMixin.to, which warns about modules "that should be kept in float32" on every cast
+                torch.nn.Module.to(self.flow_prior, dtype=torch.float32)
             sample = self.flow_prior.sample(
                 batch_size, noise=latents.to(torch.float32), temperature=float(flow_temperature)
             )
