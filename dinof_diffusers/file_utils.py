@@ -22,6 +22,7 @@ FOLDER_EXISTS_POLICIES = ("replace", "keep", "raise")
 # ".tmp-" names: `remove_temporary_files` must not delete a complete new version before the swap is finished.
 SWAP_NEW = ".swap-new"
 SWAP_OLD = ".swap-old"
+_SWAP_REMOVE_LIST = ".remove"  # inside SWAP_NEW: the names of `remove`, one a line
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -188,10 +189,11 @@ def swap_folder_contents(staging: PathLike, folder: PathLike, commit_name: str, 
     rename. Instead, the file `commit_name` (e.g. "model_index.json", what makes the folder a pipeline) commits the
     swap:
 
-    1. `staging` is renamed to `folder/.swap-new`: from here on the new contents are complete, and the swap is
-       decided; `finish_interrupted_swap` completes it after a kill.
+    1. `staging`, with the list of the entries named in `remove` that it lacks (stale parts of the old contents), is
+       renamed to `folder/.swap-new`: from here on the new contents are complete, and the swap is decided;
+       `finish_interrupted_swap` completes it after a kill.
     2. every other entry of `.swap-new` replaces its namesake in `folder`, which is first moved into `folder/.swap-old`;
-       so are the entries named in `remove` that the new contents lack (stale parts of the old contents).
+       the stale entries are moved there too.
     3. `commit_name` replaces the folder's in one rename (`os.replace`): the swap is done.
     4. `.swap-old` and the empty `.swap-new` are deleted.
 
@@ -208,9 +210,12 @@ def swap_folder_contents(staging: PathLike, folder: PathLike, commit_name: str, 
     """
     if not os.path.isfile(os.path.join(staging, commit_name)):
         raise ValueError(f"{os.fspath(staging)!r} holds no {commit_name!r}: it is not a complete new version.")
+    stale = [name for name in remove if not os.path.lexists(os.path.join(staging, name)) and name != commit_name]
+    with open(os.path.join(staging, _SWAP_REMOVE_LIST), "w") as handle:  # for a finish after a kill
+        handle.write("".join(f"{name}\n" for name in stale))
     finish_interrupted_swap(folder, commit_name)  # an earlier swap into this folder that was killed midway
     os.replace(staging, os.path.join(folder, SWAP_NEW))
-    _complete_swap(folder, commit_name, remove)
+    _complete_swap(folder, commit_name)
 
 
 def finish_interrupted_swap(folder: PathLike, commit_name: str) -> Optional[str]:
@@ -232,13 +237,17 @@ def finish_interrupted_swap(folder: PathLike, commit_name: str) -> Optional[str]
     return f"completed an update of {os.fspath(folder)!r} that was interrupted (the new version is in place)"
 
 
-def _complete_swap(folder: PathLike, commit_name: str, remove: Iterable[str] = ()) -> None:
+def _complete_swap(folder: PathLike, commit_name: str) -> None:
     """Steps 2 to 4 of `swap_folder_contents`; each step is repeatable, so that a second call finishes a killed one."""
     new, old = os.path.join(folder, SWAP_NEW), os.path.join(folder, SWAP_OLD)
     if os.path.lexists(os.path.join(new, commit_name)):  # not committed yet
         os.makedirs(old, exist_ok=True)
-        incoming = sorted(name for name in os.listdir(new) if name != commit_name)
-        for name in incoming + [name for name in remove if name not in incoming and name != commit_name]:
+        remove = []
+        if os.path.isfile(os.path.join(new, _SWAP_REMOVE_LIST)):
+            with open(os.path.join(new, _SWAP_REMOVE_LIST)) as handle:
+                remove = handle.read().splitlines()
+        incoming = sorted(name for name in os.listdir(new) if name not in (commit_name, _SWAP_REMOVE_LIST))
+        for name in incoming + remove:
             current, aside = os.path.join(folder, name), os.path.join(old, name)
             if os.path.lexists(current):
                 _remove(aside)  # left by an earlier attempt: an older version still
