@@ -5,10 +5,13 @@ each run is an `accelerate launch` subprocess on the CPU (two gloo processes for
 """
 
 import argparse
+import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -18,20 +21,34 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from accelerate.utils import convert_outputs_to_fp32
 from analytic_models import AnalyticGaussianModel, spec_chain_mean_std, spec_mean_std
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.utils import BaseOutput
 from huggingface_hub import ModelCard
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+import dinof_diffusers
 from dinof_diffusers.config_utils import public_config
 from dinof_diffusers.models.flow_prior import FlowPriorModel
 from dinof_diffusers.pipelines.dinof import DiNofPipeline
 from dinof_diffusers.schedulers import DiNofScheduler
 from dinof_diffusers.training import RunConfig, TrainingError, build_models, resolve_run_config
-from dinof_diffusers.training.checkpoints import list_checkpoints, prune_checkpoints, save_pipeline_atomically
+from dinof_diffusers.training.checkpoints import (
+    TrainingState,
+    check_finite_weights,
+    checkpoint_to_resume,
+    compare_run_records,
+    list_checkpoints,
+    prune_checkpoints,
+    read_run_record,
+    run_record,
+    save_pipeline_atomically,
+)
 from dinof_diffusers.training.losses import flow_nll_loss, nats_to_bits_per_dim, score_matching_loss
+from dinof_diffusers.training.model_card import create_model_card
 from dinof_diffusers.training.presets import PRESETS, get_preset, nearest_published_preset
 from dinof_diffusers.training.run_config import run_config_parser
 
@@ -170,6 +187,53 @@ def test_flow_nll_is_minus_log_prob_of_the_marginal_sample_at_t_star(sde_type):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Mixed precision: accelerate's output wrapper
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def package_output_classes():
+    """Every `BaseOutput` dataclass defined in the package (all its modules imported)."""
+    for module in pkgutil.walk_packages(dinof_diffusers.__path__, prefix="dinof_diffusers."):
+        importlib.import_module(module.name)
+    found, pending = set(), [BaseOutput]
+    while pending:
+        for subclass in pending.pop().__subclasses__():
+            pending.append(subclass)
+            if subclass.__module__.startswith("dinof_diffusers."):
+                found.add(subclass)
+    return sorted(found, key=lambda cls: cls.__name__)
+
+
+def test_model_outputs_survive_accelerates_fp32_output_wrapper():
+    """With mixed precision, `accelerator.prepare` wraps `forward` in `convert_outputs_to_fp32`, which rebuilds an
+    output as `type(output)(dict)`: that needs a default on every field (else bf16 training crashes at step 1)."""
+    classes = package_output_classes()
+    assert {"FlowPriorOutput", "GaussianPriorOutput", "DiNofSchedulerOutput", "DiNofPipelineOutput"} <= {
+        cls.__name__ for cls in classes
+    }
+    for cls in classes:
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        assert not missing, f"{cls.__name__}: no default for {missing}"
+
+    unet = small_epsilon_unet()
+    flow = FlowPriorModel(sample_size=8, in_channels=1, num_levels=2, flow_depth=2, hidden_channels=8)
+    sample = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    flow(sample)  # ActNorm initialised in float32
+    for model, inputs in ((unet, (sample, torch.tensor([10, 500]))), (flow, (sample,))):
+        with torch.no_grad():
+            reference = model(*inputs)
+            half = copy.deepcopy(model).half()  # the fp16 forward, through the wrapper `prepare` installs
+            output = convert_outputs_to_fp32(half.forward)(*[x.half() if x.is_floating_point() else x for x in inputs])
+        assert type(output) is type(reference) and output.keys() == reference.keys()
+        for key in reference.keys():
+            expected = reference[key] if isinstance(reference[key], list) else [reference[key]]
+            got = output[key] if isinstance(output[key], list) else [output[key]]
+            for value, target in zip(got, expected):
+                assert value.dtype == torch.float32
+                torch.testing.assert_close(value, target, rtol=0.02, atol=0.02 * float(target.abs().max()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Presets
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -273,12 +337,20 @@ def test_save_pipeline_atomically_replaces_the_pipeline_and_keeps_the_rest(tmp_p
         ({"ema_decay": 1.5}, ["--ema_decay"]),
         ({"ema_decay": 0.99, "use_ema": False}, ["--ema_decay", "--no-use_ema"]),
         ({"hub_model_id": "org/model"}, ["--hub_model_id", "--push_to_hub"]),
+        ({"sigma_max": float("inf")}, ["--sigma_max", "finite"]),
+        ({"adam_beta1": float("nan")}, ["--adam_beta1", "finite"]),
+        ({"adam_epsilon": float("inf")}, ["--adam_epsilon", "finite"]),
+        ({"adam_weight_decay": -1.0}, ["--adam_weight_decay"]),
+        ({"max_nonfinite_fraction": 1.5}, ["--max_nonfinite_fraction"]),
+        ({"output_dir": "{file}"}, ["--output_dir", "is a file"]),
         ({"sample_num_inference_steps": 700}, ["--sample_num_inference_steps", "--flow_start"]),
         ({"no_such_flag": 1}, ["no_such_flag"]),
     ],
 )
 def test_bad_flags_fail_before_anything_is_loaded_naming_the_flags(tmp_path, flags, named):
-    flags = {key: str(tmp_path) if value == "{empty_dir}" else value for key, value in flags.items()}
+    (tmp_path / "file").write_text("")
+    placeholders = {"{empty_dir}": str(tmp_path), "{file}": str(tmp_path / "file")}
+    flags = {key: placeholders.get(value, value) if isinstance(value, str) else value for key, value in flags.items()}
     with pytest.raises(TrainingError) as error:
         resolve(**flags)
     for name in named:
@@ -444,15 +516,27 @@ def test_model_card_has_metadata_samples_configuration_and_citation(joint_run, w
     assert config["scheduler"]["sde_type"] == "ve" and config["scheduler"]["flow_start"] == 0.6
     assert config["flow_prior"]["num_levels"] == 2 and config["resolution"] == 8
     assert config["score_time_range"] == "[eps, T] * flow_start"
+    assert 'pip install "dinof-diffusers' in card.text and card.data.base_model is None
 
 
 def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(joint_run, workspace):
-    """A run stopped right after checkpoint-4 (its output folder then holds exactly that checkpoint), resumed."""
+    """A run stopped right after checkpoint-4 and killed while writing checkpoint-6 (truncated: `latest` falls back to
+    checkpoint-4) and while swapping in a pipeline (completed at the start), resumed."""
     output_dir = workspace["root"] / "resumed"
     os.makedirs(output_dir)
     shutil.copytree(joint_run["output_dir"] / "checkpoint-4", output_dir / "checkpoint-4")
+    shutil.copytree(joint_run["output_dir"] / "checkpoint-6", output_dir / "checkpoint-6")
+    damaged = output_dir / "checkpoint-6" / "model_1.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    for name in ("unet", "scheduler", "model_index.json"):  # a pipeline save killed midway through the swap
+        copy_entry = shutil.copytree if (joint_run["output_dir"] / name).is_dir() else shutil.copy
+        copy_entry(joint_run["output_dir"] / name, output_dir / ".swap-new" / name)
     args = [arg if arg != str(joint_run["output_dir"]) else str(output_dir) for arg in joint_run["args"]]
-    launch(workspace, args + ["--resume_from_checkpoint", "latest"])
+    result = launch(workspace, args + ["--resume_from_checkpoint", "latest"])
+    assert "Completed an update of" in result.stderr and not (output_dir / ".swap-new").exists()
+    assert "Skipping the damaged checkpoint" in result.stderr and "model_1.safetensors has 1000 bytes" in result.stderr
+    assert "Resuming from " + str(output_dir / "checkpoint-4") in result.stderr
+    assert "--report_to: 'tensorboard' -> 'none'" in result.stderr  # settings that differ from the checkpoint's
 
     for component in ("unet", "flow_prior"):  # the EMA weights of the final pipelines
         assert_same_weights(load_weights(output_dir / component), load_weights(joint_run["output_dir"] / component))
@@ -508,7 +592,11 @@ def test_flow_only_training_keeps_the_pretrained_unet_unchanged(score_run, works
     output = pipeline(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt")
     assert torch.isfinite(output.images).all()
     card = ModelCard.load(output_dir / "README.md")
-    assert card.data.base_model == str(score_run)
+    assert card.data.base_model is None  # a local folder is no Hub id
+    assert "Starting point: a local model (score)" in card.text and str(score_run) not in card.text.split("```")[0]
+    config = yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0])
+    assert "score_time_range" not in config and "loss_reduction" not in config  # the score network was not trained
+    assert "was not trained here" in card.text and "below t*" not in card.text and "valid for both" not in card.text
 
 
 def test_two_processes_end_with_identical_replicas_actnorm_included(workspace):
@@ -522,6 +610,7 @@ def test_two_processes_end_with_identical_replicas_actnorm_included(workspace):
         "--max_train_steps", "3",
         "--debug_nonfinite_steps", "2",
         "--max_consecutive_nonfinite", "2",
+        "--max_nonfinite_fraction", "0.5",
         "--debug_hash_dir", str(hash_dir),
     ]  # fmt: skip
     launch(workspace, args, num_processes=2)
@@ -538,25 +627,45 @@ def test_two_processes_end_with_identical_replicas_actnorm_included(workspace):
     assert all(torch.isfinite(p).all() for p in flow.parameters())
 
 
-def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(workspace):
+def test_too_many_skipped_steps_stop_the_run_and_keep_the_last_checkpoint(workspace):
+    """Steps 2 and 4 of 6 skipped: more than --max_nonfinite_fraction 0.3 of the 6 steps at step 4 (the rule itself,
+    and --max_consecutive_nonfinite, in `test_nonfinite_limits`)."""
     output_dir = workspace["root"] / "diverging"
     args = common_args(workspace, output_dir) + [
         "--unet_config", workspace["unet_config"],
-        "--max_train_steps", "5",
+        "--max_train_steps", "6",
         "--checkpointing_steps", "1",
-        "--debug_nonfinite_steps", "2", "3",
-        "--max_consecutive_nonfinite", "2",
+        "--debug_nonfinite_steps", "2", "4",
+        "--max_nonfinite_fraction", "0.3",
     ]  # fmt: skip
     result = launch(workspace, args, check=False)
     assert result.returncode != 0
-    assert "Stopping at step 3" in result.stderr and "--max_consecutive_nonfinite" in result.stderr
-    assert [os.path.basename(p) for p in list_checkpoints(output_dir)] == ["checkpoint-1", "checkpoint-2"]
+    assert "Stopping at step 4: 2 of 4 optimisation steps" in result.stderr
+    assert "--max_nonfinite_fraction 0.3 of the first 6 steps" in result.stderr
+    checkpoints = [os.path.basename(p) for p in list_checkpoints(output_dir)]
+    assert checkpoints == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert not os.path.exists(output_dir / "model_index.json")
     # the skipped step 2 changed nothing
     for name in ("model.safetensors", "model_1.safetensors"):
         assert_same_weights(
             load_file(output_dir / "checkpoint-2" / name), load_file(output_dir / "checkpoint-1" / name), atol=0
         )
+
+
+def test_nonfinite_limits():
+    run = resolve(max_consecutive_nonfinite=3, max_nonfinite_fraction=0.1)
+    assert TrainingState(global_step=5, nonfinite_steps=2).nonfinite_stop_reason(2, 1000, run) is None
+    reason = TrainingState(global_step=5, nonfinite_steps=3).nonfinite_stop_reason(3, 1000, run)
+    assert "3 optimisation steps in a row" in reason and "--max_consecutive_nonfinite 3" in reason
+    # the fraction is judged over at least the first 100 steps: 10 skipped may still end at 10%, 11 may not
+    assert TrainingState(global_step=20, nonfinite_steps=10).nonfinite_stop_reason(1, 1000, run) is None
+    reason = TrainingState(global_step=20, nonfinite_steps=11).nonfinite_stop_reason(1, 1000, run)
+    assert "11 of 20" in reason and "--max_nonfinite_fraction 0.1 of the first 100 steps" in reason
+    # then over the steps so far, and over the whole run when it is shorter
+    assert TrainingState(global_step=500, nonfinite_steps=50).nonfinite_stop_reason(1, 1000, run) is None
+    assert "51 of 500" in TrainingState(global_step=500, nonfinite_steps=51).nonfinite_stop_reason(1, 1000, run)
+    assert TrainingState(global_step=2, nonfinite_steps=2).nonfinite_stop_reason(2, 10, run) is not None
+    assert TrainingState(global_step=10, nonfinite_steps=1).nonfinite_stop_reason(1, 10, run) is None
 
 
 def test_pretrained_models_of_every_kind_are_recognised(
@@ -621,3 +730,157 @@ def test_pretrained_models_of_every_kind_are_recognised(
         resolve(**data, pretrained_model_name_or_path=str(score_run), resolution=16)
     with pytest.raises(TrainingError, match="--sde.*continuous=False"):  # sub-VP has no discrete chain
         resolve(**data, pretrained_model_name_or_path=str(folder), sde="subvp")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Faults: mixed precision, unreadable images, resuming another run or a damaged checkpoint, non-finite weights
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flawed_images(workspace):
+    """An imagefolder of 7 files: 4 good, one truncated and one undecodable PNG (all 6 listed in its metadata.csv)
+    and a 7th good one that the metadata.csv leaves out."""
+    folder = workspace["root"] / "flawed_images"
+    folder.mkdir()
+    for i in range(5):
+        shutil.copy(os.path.join(workspace["images"], f"image_{i:02d}.png"), folder / f"image_{i:02d}.png")
+    whole = (folder / "image_00.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "garbage.png").write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
+    listed = ["image_00.png", "truncated.png", "image_01.png", "garbage.png", "image_02.png", "image_03.png"]
+    (folder / "metadata.csv").write_text("file_name\n" + "".join(f"{name}\n" for name in listed))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bf16_run(workspace, flawed_images):
+    """2 steps of joint training in bf16 on the flawed images: batches of 3, so that every image is read."""
+    output_dir = workspace["root"] / "bf16"
+    args = common_args(workspace, output_dir) + [
+        "--unet_config", workspace["unet_config"],
+        "--max_train_steps", "2",
+        "--checkpointing_steps", "2",
+        "--train_batch_size", "3",
+        "--mixed_precision", "bf16",
+    ]  # fmt: skip
+    args[args.index("--train_data_dir") + 1] = str(flawed_images)
+    return {"output_dir": output_dir, "args": args, "result": launch(workspace, args)}
+
+
+def test_bf16_training_skips_unreadable_images_and_records_its_run(bf16_run, flawed_images):
+    output_dir, log = bf16_run["output_dir"], bf16_run["result"].stderr
+    pipeline = DiNofPipeline.from_pretrained(str(output_dir))
+    output = pipeline(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt")
+    assert output.images.shape == (2, 3, 8, 8) and torch.isfinite(output.images).all()
+    config = yaml.safe_load(ModelCard.load(output_dir / "README.md").text.split("```yaml\n")[1].split("```")[0])
+    assert config["mixed_precision"] == "bf16" and config["steps"] == 2
+
+    # each unreadable image named once, the metadata.csv's selection said, the sample grid announced
+    for name in ("truncated.png", "garbage.png"):
+        assert log.count(f"Skipping the unreadable image {flawed_images / name}") == 1
+    assert f"Found 7 image files in {flawed_images}; the data set uses 6 of them (the images listed in its " in log
+    assert "Drawing the sample grid of step 2 (4 images)" in log
+
+    # the checkpoint records the run and its files
+    record = read_run_record(output_dir / "checkpoint-2")
+    assert record["run"]["mixed_precision"] == "bf16" and "hub_token" not in record["run"]
+    assert record["model"]["flow_prior"]["num_levels"] == 2 and record["model"]["sde"]["sde_type"] == "ve"
+    manifest = json.loads((output_dir / "checkpoint-2" / "manifest.json").read_text())["files"]
+    assert {"model.safetensors", "model_1.safetensors", "optimizer.bin", "random_states_0.pkl"} <= set(manifest)
+
+
+def test_strict_images_stop_before_training_with_the_list_of_unreadable_files(workspace, flawed_images):
+    output_dir = workspace["root"] / "strict"
+    args = common_args(workspace, output_dir) + ["--unet_config", workspace["unet_config"], "--strict_images"]
+    args[args.index("--train_data_dir") + 1] = str(flawed_images)
+    result = launch(workspace, args, check=False)
+    assert result.returncode != 0
+    assert "2 of the 6 training images cannot be read (--strict_images)" in result.stderr
+    assert f"{flawed_images / 'truncated.png'}: OSError" in result.stderr
+    assert str(flawed_images / "garbage.png") in result.stderr
+    assert "Running training" not in result.stderr and not list_checkpoints(output_dir)
+
+
+def test_non_finite_weights_are_never_saved(score_run, workspace):
+    """Flow training on a frozen score network with a NaN weight: the run trains, and refuses to save."""
+    pretrained = workspace["root"] / "nan_unet"
+    shutil.copytree(score_run, pretrained)
+    weights = load_weights(pretrained / "unet")
+    weights["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(weights, pretrained / "unet" / "diffusion_pytorch_model.safetensors")
+    output_dir = workspace["root"] / "nan_flow"
+    args = common_args(workspace, output_dir) + [
+        "--pretrained_model_name_or_path", str(pretrained),
+        "--train_component", "flow",
+        "--max_train_steps", "1",
+    ]  # fmt: skip
+    args[args.index("--resolution") : args.index("--resolution") + 2] = []
+    result = launch(workspace, args, check=False)
+    assert result.returncode != 0
+    assert "The trained weights have non-finite values (unet.conv_in.weight)" in result.stderr
+    assert not [name for name in ("model_index.json", "README.md", "samples.png") if (output_dir / name).exists()]
+    flow = FlowPriorModel(sample_size=8, in_channels=1, num_levels=1, flow_depth=1, hidden_channels=4)
+    check_finite_weights({"unet": None, "flow_prior": flow})
+    name, parameter = list(flow.named_parameters())[-1]
+    with torch.no_grad():
+        parameter.view(-1)[-1] = float("inf")
+    with pytest.raises(TrainingError, match=f"non-finite values \\(flow_prior.{name}\\)"):
+        check_finite_weights({"unet": None, "flow_prior": flow})
+
+
+def test_resume_checks_the_checkpoint_and_the_run_it_belongs_to(joint_run, tmp_path):
+    """On copies of the joint run's checkpoints: the choice of checkpoint, and the comparison of the runs."""
+    output_dir = tmp_path / "run"
+    for step in (4, 6):
+        shutil.copytree(joint_run["output_dir"] / f"checkpoint-{step}", output_dir / f"checkpoint-{step}")
+    assert checkpoint_to_resume(output_dir, "latest") == (str(output_dir / "checkpoint-6"), [])
+
+    # a damaged latest checkpoint: the newest intact one, said; a missing random state: said loudly
+    optimizer = output_dir / "checkpoint-6" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:-10])
+    os.remove(output_dir / "checkpoint-4" / "random_states_0.pkl")
+    path, warnings = checkpoint_to_resume(output_dir, "latest")
+    assert path == str(output_dir / "checkpoint-4")
+    assert "Skipping the damaged checkpoint" in warnings[0] and "optimizer.bin has" in warnings[0]
+    assert "newest intact" in warnings[1]
+    assert "THE RESUME IS NOT EXACT: random_states_0.pkl is missing" in warnings[2]
+    assert "process 1" in checkpoint_to_resume(output_dir, "latest", num_processes=2)[1][2]
+    with pytest.raises(TrainingError, match="optimizer.bin has"):  # named explicitly: no fallback
+        checkpoint_to_resume(output_dir, str(output_dir / "checkpoint-6"))
+    shutil.rmtree(output_dir / "checkpoint-4")
+    with pytest.raises(TrainingError, match="none of the checkpoints .* is intact"):
+        checkpoint_to_resume(output_dir, "latest")
+
+    # folders without a checkpoint
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingError, match="'.*empty' is not an intact checkpoint: it holds no checkpoint files"):
+        checkpoint_to_resume(tmp_path, str(tmp_path / "empty"))
+    with pytest.raises(TrainingError, match="did you mean '.*checkpoint-6'"):
+        checkpoint_to_resume(tmp_path, str(output_dir))
+    assert checkpoint_to_resume(tmp_path / "empty", "latest")[0] is None
+    assert "no checkpoint in" in checkpoint_to_resume(tmp_path / "empty", "latest")[1][0]
+
+    # the runs: another model is refused, naming what differs; other settings are listed
+    saved = read_run_record(joint_run["output_dir"] / "checkpoint-6")
+    defaults = RunConfig.flag_defaults()
+    same = {key: value for key, value in saved["run"].items() if key in defaults and value != defaults[key]}
+    run = resolve(**same)
+    unet, flow_prior, _ = build_models(run)
+    assert compare_run_records(saved, run_record(run, unet, flow_prior), "checkpoint-6") == []
+    run = resolve(**{**same, "seed": 3, "learning_rate": 1e-3})
+    (warning,) = compare_run_records(saved, run_record(run, unet, flow_prior), "checkpoint-6")
+    assert "--learning_rate: 0.0002 -> 0.001" in warning and "--seed: 0 -> 3" in warning
+    run = resolve(**{**same, "flow_depth": 3, "sde": "ve", "sigma_max": 20.0})
+    unet, flow_prior, _ = build_models(run)
+    with pytest.raises(TrainingError, match="flow_prior.flow_depth: 2 -> 3; sde.sigma_max: 50.0 -> 20.0") as error:
+        compare_run_records(saved, run_record(run, unet, flow_prior), "checkpoint-6")
+    assert "another --output_dir" in str(error.value)
+
+
+def test_model_card_metadata_holds_hub_ids_only():
+    card = create_model_card("org/model", "digits", {}, "joint", base_model="google/ddpm-cifar10-32")
+    assert card.data.base_model == "google/ddpm-cifar10-32" and "Starting point: `google/ddpm-cifar10-32`" in card.text
+    card = create_model_card("out", "digits", {}, "score", base_model="/home/me/models/ddpm", score_time_range="full")
+    assert card.data.base_model is None and "/home/me" not in card.text and "a local model (ddpm)" in card.text
+    assert "valid for both" in card.text and "pip install" in card.text
