@@ -1,5 +1,6 @@
 """Published DiNof flows (normflows 1.7.3 `MultiscaleFlow` of `GlowBlock`s) -> `FlowPriorModel`."""
 
+import errno
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import normflows as nf  # a test extra: the published code vendors it
 import pytest
+import safetensors.torch
 import torch
 
 from dinof_diffusers.conversion.flow import apply_ema, convert_checkpoint, main
@@ -195,6 +197,32 @@ def test_conversion_errors_leave_nothing_behind(reference, tmp_path, capsys):
 
 class _Opaque:
     pass
+
+
+def test_damaged_checkpoints_and_unwritable_or_full_outputs_are_clear_errors(reference, tmp_path, capsys, monkeypatch):
+    whole_path = tmp_path / "whole.pth"
+    torch.save(published_checkpoint(reference), whole_path)
+    whole = whole_path.read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 4)
+    out = tmp_path / "out"
+    for name in ("truncated.pth", "random.pth"):
+        assert main(["--checkpoint", str(tmp_path / name), "--output_dir", str(out), "--sample_size", "8"]) == 1
+        error = capsys.readouterr().err
+        assert f"{name}' cannot be read as a torch checkpoint" in error and "truncated, damaged" in error
+
+    (tmp_path / "file").write_text("")
+    assert main(["--checkpoint", str(whole_path), "--output_dir", str(tmp_path / "file" / "out")]) == 1
+    assert "The folder of --output_dir" in capsys.readouterr().err
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    assert main(["--checkpoint", str(whole_path), "--output_dir", str(out), "--sample_size", "8"]) == 1
+    error = capsys.readouterr().err
+    assert "the disk is full" in error and str(out) in error and "GiB free" in error
+    assert sorted(os.listdir(tmp_path)) == ["file", "random.pth", "truncated.pth", "whole.pth"]
 
 
 def test_flow_state_dict_alone_and_explicit_key(reference, tmp_path):
