@@ -348,6 +348,8 @@ def test_inverse_cache_never_serves_stale_weights():
         (dict(flow_depth=-1), "flow_depth"),
         (dict(hidden_channels=0), "hidden_channels"),
         (dict(flow_depth=2.0), "flow_depth"),
+        (dict(sample_size=float("inf")), "sample_size"),  # every setting is an integer: none can be non-finite
+        (dict(hidden_channels=float("nan")), "hidden_channels"),
         (dict(coupling="spline"), "coupling"),
     ],
 )
