@@ -848,6 +848,10 @@ def test_resume_checks_the_checkpoint_and_the_run_it_belongs_to(joint_run, tmp_p
     assert "process 1" in checkpoint_to_resume(output_dir, "latest", num_processes=2)[1][2]
     with pytest.raises(TrainingError, match="optimizer.bin has"):  # named explicitly: no fallback
         checkpoint_to_resume(output_dir, str(output_dir / "checkpoint-6"))
+    shutil.copytree(joint_run["output_dir"] / "checkpoint-6", tmp_path / "checkpoint-6")
+    os.remove(tmp_path / "checkpoint-6" / "custom_checkpoint_1.pkl")
+    with pytest.raises(TrainingError, match="custom_checkpoint_1.pkl is missing"):
+        checkpoint_to_resume(tmp_path, str(tmp_path / "checkpoint-6"))
     shutil.rmtree(output_dir / "checkpoint-4")
     with pytest.raises(TrainingError, match="none of the checkpoints .* is intact"):
         checkpoint_to_resume(output_dir, "latest")
