@@ -208,9 +208,13 @@ def test_model_outputs_survive_accelerates_fp32_output_wrapper():
     """With mixed precision, `accelerator.prepare` wraps `forward` in `convert_outputs_to_fp32`, which rebuilds an
     output as `type(output)(dict)`: that needs a default on every field (else bf16 training crashes at step 1)."""
     classes = package_output_classes()
-    assert {"FlowPriorOutput", "GaussianPriorOutput", "DiNofSchedulerOutput", "DiNofPipelineOutput"} <= {
-        cls.__name__ for cls in classes
-    }
+    assert {
+        "FlowPriorOutput",
+        "GaussianPriorOutput",
+        "DiNofSchedulerOutput",
+        "DiNofPipelineOutput",
+        "DiNofLikelihoodOutput",
+    } <= {cls.__name__ for cls in classes}
     for cls in classes:
         missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
         assert not missing, f"{cls.__name__}: no default for {missing}"
