@@ -1,6 +1,14 @@
-"""DiNof: diffusion models with deterministic normalizing flow priors, for Hugging Face diffusers."""
+"""DiNof: diffusion models with deterministic normalizing flow priors, for Hugging Face diffusers.
+
+Importing the package also registers its public classes on the `diffusers` module (`diffusers.DiNofPipeline`, ...),
+where `DiffusionPipeline.from_pretrained` looks pipeline classes up: after `import dinof_diffusers`, a folder saved by
+`DiNofPipeline.save_pretrained` loads with `DiffusionPipeline.from_pretrained(folder)` as well. Names diffusers itself
+defines are never replaced.
+"""
 
 __version__ = "0.1.0"
+
+import diffusers  # noqa: E402
 
 # Every component module is imported eagerly: diffusers resolves the custom component classes named in a saved
 # model_index.json ("dinof_diffusers", "FlowPriorModel", ...) only from modules already in sys.modules.
@@ -24,3 +32,8 @@ __all__ = [
     "NCSNppModel",
     "NCSNppOutput",
 ]
+
+for _public_class in (DiNofPipeline, DiNofScheduler, FlowPriorModel, GaussianPriorModel):
+    _registered = getattr(diffusers, _public_class.__name__, None)
+    if _registered is None or _registered.__module__.startswith(f"{__name__}."):
+        setattr(diffusers, _public_class.__name__, _public_class)

@@ -6,6 +6,7 @@ Python argument and is shown in backticks (`batch_size`).
 """
 
 import math
+import numbers
 from typing import Any, Collection, Optional, Tuple
 
 
@@ -14,13 +15,16 @@ def _display(name: str) -> str:
 
 
 def check_int(value: Any, name: str, minimum: int = 1, allow_none: bool = False) -> Optional[int]:
-    """An integer (not a bool) >= `minimum`, or `None` when `allow_none`."""
+    """An integer (not a bool) >= `minimum`, or `None` when `allow_none`; returned as a Python `int`.
+
+    NumPy integers are integers too (as everywhere in diffusers): `np.int64(4)` passes and comes back as `4`.
+    """
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         expected = f"{'None or ' if allow_none else ''}an integer >= {minimum}"
         raise ValueError(f"{_display(name)} must be {expected}, got {value!r}.")
-    return value
+    return int(value)
 
 
 def check_positive_int(value: Any, name: str, allow_none: bool = False) -> Optional[int]:
@@ -44,13 +48,13 @@ def check_number(
     exclusive_maximum: bool = False,
     allow_none: bool = False,
 ) -> Optional[float]:
-    """A finite real number (not a bool) within the given bounds, or `None` when `allow_none`.
+    """A finite real number (not a bool; NumPy numbers included) within the given bounds, or `None` when `allow_none`.
 
     Example: `check_number(flow_start, "flow_start", 0.0, 1.0, exclusive_minimum=True)` accepts (0, 1].
     """
     if value is None and allow_none:
         return None
-    valid = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    valid = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
     if valid and minimum is not None:
         valid = value > minimum if exclusive_minimum else value >= minimum
     if valid and maximum is not None:

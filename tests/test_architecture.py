@@ -14,6 +14,7 @@ LAYERS = {
     "file_utils": 0,
     "config_utils": 0,
     "hub_utils": 0,
+    "code_bundle": 0,
     "data": 0,
     "image_utils": 0,
     "models": 1,

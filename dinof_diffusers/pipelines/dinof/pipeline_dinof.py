@@ -17,8 +17,9 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from ...code_bundle import package_model_index, write_code_bundle
 from ...file_utils import SWAP_NEW, finish_interrupted_swap
-from ...hub_utils import is_local_path
+from ...hub_utils import local_folder
 from ...models.flow_prior import FlowPriorModel
 from ...models.gaussian_prior import GaussianPriorModel
 from ...schedulers.ode_solvers import check_ode_options, integrate_fixed_steps, integrate_rk45, ode_time_grid
@@ -39,6 +40,18 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 SAMPLERS = ("pc", "ode")
 # Arguments of `from_pretrained` that only concern downloading; they are handed to `snapshot_download`.
 _DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+
+
+def check_scheduler(scheduler) -> None:
+    """Raises a `ValueError` unless `scheduler` is a `DiNofScheduler` (or a subclass): DiNof's sampler needs its SDE,
+    its predictor-corrector steps and its flow start time, which no other family of schedulers has."""
+    # by name: the classes of a bundled copy (save_pretrained(bundle_code=True)) are other objects than the package's
+    if scheduler is not None and "DiNofScheduler" not in {klass.__name__ for klass in type(scheduler).__mro__}:
+        raise ValueError(
+            f"DiNofPipeline needs a DiNofScheduler (the SDE and predictor-corrector sampler DiNof runs from t*), got "
+            f"{type(scheduler).__name__}. For other sampler settings use `DiNofScheduler.from_config(pipe.scheduler."
+            "config, predictor=..., corrector=...)`."
+        )
 
 
 def check_prior_matches_scheduler(flow_prior, scheduler) -> None:
@@ -151,6 +164,8 @@ class DiNofPipeline(DiffusionPipeline):
 
     def __setattr__(self, name, value):
         # construction (register_modules) and later assignment both come through here
+        if name == "scheduler":
+            check_scheduler(value)
         if name in ("flow_prior", "scheduler"):
             flow_prior = value if name == "flow_prior" else self.__dict__.get("flow_prior")
             scheduler = value if name == "scheduler" else self.__dict__.get("scheduler")
@@ -179,8 +194,10 @@ class DiNofPipeline(DiffusionPipeline):
         diffusers refuses component classes from outside diffusers / transformers when it downloads a repository
         itself (diffusers issue #5553), so a Hub id is first downloaded with `huggingface_hub.snapshot_download`
         (which honours `HF_HUB_OFFLINE`, `cache_dir`, `revision`, `token`, `local_files_only` and `force_download`) and
-        the local snapshot is loaded. A name is a folder or a Hub id by the rule of `dinof_diffusers.hub_utils`. The component classes are resolved from `dinof_diffusers`, which this module
-        imports.
+        the local snapshot is loaded. A name is a folder or a Hub id by the rule of `dinof_diffusers.hub_utils`: a
+        mistyped folder is reported as such before the Hub is tried, and a repository that cannot be read as "offline
+        / not found". The component classes are resolved from `dinof_diffusers`, which this module imports; a folder
+        saved with `bundle_code=True` is loaded with them too, never with its bundled code.
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a folder or a Hub id ("org/name").
@@ -189,21 +206,55 @@ class DiNofPipeline(DiffusionPipeline):
         Returns:
             `DiNofPipeline`.
         """
-        path = str(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            if is_local_path(path):
-                raise FileNotFoundError(f"{path!r} is neither a folder nor a Hub repository id ('org/name').")
-            from huggingface_hub import snapshot_download
-
-            download_kwargs = {k: kwargs.pop(k) for k in _DOWNLOAD_KWARGS if k in kwargs}
-            path = snapshot_download(path, **download_kwargs)
-        else:
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path):
             _finish_interrupted_save(path, cls.config_name)
+        else:
+            download_kwargs = {k: kwargs.pop(k) for k in _DOWNLOAD_KWARGS if k in kwargs}
+            path = local_folder(path, **download_kwargs)
         for key in ("dtype", "torch_dtype"):  # the flow prior runs in float32 (see `__call__`): load it so
             if isinstance(kwargs.get(key), torch.dtype) and kwargs[key] != torch.float32:
                 kwargs[key] = {"default": kwargs[key], "flow_prior": torch.float32}
-        pipeline = super().from_pretrained(path, **kwargs)
-        return pipeline
+        return super().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        # what `from_pretrained` reads model_index.json with: a bundled folder's index names its code files, and is
+        # read as the package-based save's, so that the classes of this module load it
+        loaded = super().load_config(*args, **kwargs)
+        classes = {klass.__name__: klass.__module__ for klass in (FlowPriorModel, GaussianPriorModel, DiNofScheduler)}
+        if isinstance(loaded, tuple):
+            return (package_model_index(loaded[0], classes), *loaded[1:])
+        return package_model_index(loaded, classes)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, bundle_code: bool = False, **kwargs):
+        """`DiffusionPipeline.save_pretrained`, and with `bundle_code=True` a self-contained copy.
+
+        The default save names the classes of the installed `dinof_diffusers` in `model_index.json`: loading it needs
+        the package (`import dinof_diffusers` first for `DiffusionPipeline.from_pretrained`), and always runs the
+        installed code. With `bundle_code=True` the folder also holds the code of the pipeline, the scheduler and the
+        prior, generated from this package (`dinof_diffusers.code_bundle`), and `model_index.json` names
+        `["pipeline_dinof", "DiNofPipeline"]`, so that `DiffusionPipeline.from_pretrained(folder_or_repo,
+        trust_remote_code=True)` loads it where the package is not installed (with `push_to_hub=True`, that copy is
+        uploaded). `DiNofPipeline.from_pretrained` still loads such a folder with the installed classes.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder to write.
+            bundle_code (`bool`, defaults to `False`): also write the code (see above).
+            *args, **kwargs: as `DiffusionPipeline.save_pretrained` (`safe_serialization`, `variant`, `push_to_hub`,
+                `repo_id`, ...).
+        """
+        self._bundle_code_to = os.fspath(save_directory) if bundle_code else None
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self._bundle_code_to = None
+
+    def save_config(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
+        # save_pretrained writes model_index.json last, before any upload: the code bundle goes in at that point
+        super().save_config(save_directory, *args, **kwargs)
+        if getattr(self, "_bundle_code_to", None) == os.fspath(save_directory):
+            write_code_bundle(self, os.fspath(save_directory))
 
     def check_inputs(
         self,
@@ -382,13 +433,17 @@ class DiNofPipeline(DiffusionPipeline):
         by default): `correct_steps` corrector steps, then one predictor step; the output is the last predictor's
         mean. `sampler="ode"` (continuous-time models): the probability-flow ODE dx/dt = f - 1/2 g^2 score from the
         start time down to eps, deterministic given the start; the output is the ODE's state at eps (no noise-removal
-        step). Either output is clamped to the data range and mapped to [0, 1].
+        step). Either output is clamped to the data range and mapped to [0, 1]. Output with non-finite values (NaN or
+        inf, from a diverged network or prior; they become black pixels) is logged as a warning, once per call.
 
         Args:
-            batch_size (`int`, defaults to 1): B, the number of images.
-            num_inference_steps (`int`, *optional*): reverse steps; default int(N * flow_start) with the flow prior,
-                N without it. Fewer steps give a coarser grid (see `DiNofScheduler.set_timesteps`). For the ODE the
-                number of heun / euler steps (n + 1 grid points; the same default); rk45 chooses its own (leave None).
+            batch_size (`int`, defaults to 1): B, the number of images (a NumPy integer is accepted).
+            num_inference_steps (`int`, *optional*): the reverse steps from the start time: from t* with the flow
+                prior (default int(N * flow_start), the spacing of the N noise scales), from T without it (default N).
+                So DiNof and the baseline on the same grid take int(K * flow_start) and K steps. Fewer steps give a
+                coarser grid; more than the noise scales below the start time raise a `ValueError` (see
+                `DiNofScheduler.set_timesteps`). For the ODE the number of heun / euler steps (n + 1 grid points; the
+                same default); rk45 chooses its own (leave None).
             generator (`torch.Generator` or a list of B of them, *optional*): the random source of the prior noise
                 and of every step (a list gives each sample its own stream).
             latents (`torch.Tensor` of shape `(B, C, H, W)`, *optional*): the standard normal noise of the prior:
@@ -423,7 +478,9 @@ class DiNofPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        image_shape = self._image_shape(batch_size) if isinstance(batch_size, int) else None
+        batch_size = check_positive_int(batch_size, "batch_size")  # a Python int from here on (NumPy's too)
+        num_inference_steps = check_positive_int(num_inference_steps, "num_inference_steps", allow_none=True)
+        image_shape = self._image_shape(batch_size)
         self.check_inputs(
             batch_size,
             num_inference_steps,
@@ -523,6 +580,14 @@ class DiNofPipeline(DiffusionPipeline):
                     progress_bar.update()
 
         # 4. noise removal (PC: the last mean), clamped to the data range and mapped to [0, 1]
+        nonfinite = int((~torch.isfinite(sample_mean)).flatten(1).any(dim=1).sum())
+        if nonfinite:
+            logger.warning(
+                "%d of the %d generated images hold non-finite values (NaN or inf), which become black pixels: the "
+                "score network or the prior gives non-finite outputs (e.g. weights of a diverged training run).",
+                nonfinite,
+                batch_size,
+            )
         low, high = scheduler.data_range
         image = (sample_mean.clamp(low, high) - low) / (high - low)
         if output_type != "pt":

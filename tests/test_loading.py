@@ -1,0 +1,268 @@
+"""Loading and using DiNofPipeline like any diffusers pipeline: `DiffusionPipeline.from_pretrained` after the import,
+the self-contained (`bundle_code=True`) copy loaded where the package cannot be imported, the scheduler family, NumPy
+integers, non-finite output, local folders against Hub ids, and training_scripts/sample.py."""
+
+import ast
+import importlib.util
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from test_pipeline import run, tiny_pipeline
+
+from dinof_diffusers import DiNofPipeline, DiNofScheduler, FlowPriorModel
+from dinof_diffusers.hub_utils import is_local_path, model_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_quietly(loader, *args, **kwargs):
+    pipeline = loader(*args, **kwargs)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DiffusionPipeline.from_pretrained and the self-contained copy
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_diffusion_pipeline_loads_a_saved_folder_after_the_import(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path)
+    loaded = load_quietly(DiffusionPipeline.from_pretrained, tmp_path)
+    assert type(loaded) is DiNofPipeline and type(loaded.flow_prior) is FlowPriorModel
+    reference = load_quietly(DiNofPipeline.from_pretrained, tmp_path)
+    assert torch.equal(run(loaded).images, run(reference).images)
+
+
+# Runs in a fresh interpreter in which `dinof_diffusers` cannot be imported (a meta-path finder refuses it before the
+# editable install's finder or any sys.path entry is asked): loads the bundled folder with diffusers alone, samples,
+# and saves the loaded pipeline again with bundle_code=True.
+WITHOUT_THE_PACKAGE = r"""
+import importlib.abc
+import sys
+
+
+class RefuseThePackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "dinof_diffusers":
+            raise ModuleNotFoundError(f"{name} is not installed here")
+
+
+sys.meta_path.insert(0, RefuseThePackage())
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+folder, images_path, again, threads = sys.argv[1:]
+torch.set_num_threads(int(threads))
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+module = sys.modules[type(pipe).__module__]
+assert module.__name__ == "diffusers_modules.local.pipeline_dinof", module.__name__
+# one class per name: the components are of the classes the pipeline file imported
+assert type(pipe.flow_prior) is module.FlowPriorModel and type(pipe.scheduler) is module.DiNofScheduler
+images = pipe(num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+np.save(images_path, images.numpy())
+pipe.save_pretrained(again, bundle_code=True)
+assert not [name for name in sys.modules if name.split(".")[0] == "dinof_diffusers"]
+"""
+
+
+def code_files(folder):
+    return {str(path.relative_to(folder)): path.read_text() for path in sorted(Path(folder).rglob("*.py"))}
+
+
+def test_bundled_copy_loads_without_the_package(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "default")
+    assert not code_files(tmp_path / "default")  # the default save stays package-based
+    bundled = tmp_path / "bundled"
+    pipe.save_pretrained(bundled, bundle_code=True)
+    index = json.loads((bundled / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_dinof", "DiNofPipeline"] and index["unet"] == [
+        "diffusers",
+        "UNet2DModel",
+    ]
+    assert index["scheduler"] == ["scheduler_component", "DiNofScheduler"]
+    assert index["flow_prior"] == ["flow_prior_component", "FlowPriorModel"]
+
+    # every folder holds each module its entry file needs, directly or not, under a flat relative import
+    files = code_files(bundled)
+    for folder, entry in (
+        ("", "pipeline_dinof"),
+        ("scheduler", "scheduler_component"),
+        ("flow_prior", "flow_prior_component"),
+    ):
+        names = {Path(name).stem for name in files if str(Path(name).parent) == (folder or ".")}
+        named_by_entry = set()
+        for name in names:
+            for node in ast.walk(ast.parse(files[os.path.join(folder, f"{name}.py")])):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    assert node.level == 1 and node.module in names, (folder, name, node.module)
+                    named_by_entry |= {node.module} if name == entry else set()
+        assert named_by_entry == names - {entry}, folder
+    assert {"validation", "glow_layout", "flow_prior", "scheduling_dinof", "gaussian_prior"} <= {
+        Path(name).stem for name in files if "/" not in name
+    }
+    # generated from the package's source: only the header and the relative imports differ, made flat
+    source = (REPO_ROOT / "dinof_diffusers" / "schedulers" / "scheduling_dinof.py").read_text().splitlines()
+    copy = files["scheduler/scheduling_dinof.py"].splitlines()
+    assert copy[0].startswith("# Generated") and len(copy) == len(source) + 1
+    changed = [(original, line) for original, line in zip(source, copy[1:]) if line != original]
+    assert changed and all(
+        re.sub(r"^(\s*)from \.+(?:\w+\.)*(\w+) import", r"\1from .\2 import", original) == line
+        for original, line in changed
+    )
+
+    # the installed package loads the bundled folder with its own classes, no remote code
+    loaded = load_quietly(DiNofPipeline.from_pretrained, bundled)
+    assert type(loaded.scheduler) is DiNofScheduler and type(loaded.flow_prior) is FlowPriorModel
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(bundled)
+
+    images_path, again = tmp_path / "images.npy", tmp_path / "again"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    command = [sys.executable, "-c", WITHOUT_THE_PACKAGE, str(bundled), str(images_path), str(again)]
+    result = subprocess.run(
+        [*command, str(torch.get_num_threads())], cwd=tmp_path, env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(images_path), run(loaded).images.numpy())
+    assert code_files(again) == files  # a bundled pipeline bundles again, to the same files
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments: the scheduler family, NumPy integers, non-finite output
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_scheduler_of_another_family_is_refused(tmp_path):
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="DiNofPipeline needs a DiNofScheduler.*DDPMScheduler"):
+        DiNofPipeline(unet=pipe.unet, scheduler=DDPMScheduler(), flow_prior=pipe.flow_prior)
+    scheduler = pipe.scheduler
+    with pytest.raises(ValueError, match="needs a DiNofScheduler"):
+        pipe.scheduler = DDPMScheduler()
+    assert pipe.scheduler is scheduler
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="needs a DiNofScheduler"):
+        DiNofPipeline.from_pretrained(tmp_path, scheduler=DDPMScheduler())
+    pipe.scheduler = DiNofScheduler.from_config(scheduler.config, corrector="none")  # the same family is fine
+
+
+def test_numpy_integers_are_accepted():
+    pipe = tiny_pipeline()
+    expected = run(pipe, batch_size=2, num_inference_steps=3)
+    output = run(pipe, batch_size=np.int64(2), num_inference_steps=np.int32(3))
+    assert torch.equal(output.images, expected.images) and output.nfe == expected.nfe
+    with pytest.raises(ValueError, match="batch_size"):
+        run(pipe, batch_size=np.float64(2.0))
+
+
+def test_non_finite_output_warns_once_per_call(caplog):
+    pipe = tiny_pipeline()
+    with caplog.at_level(logging.WARNING):
+        run(pipe, batch_size=2)
+    assert "non-finite" not in caplog.text
+    with torch.no_grad():
+        pipe.unet.conv_out.bias[0] = float("nan")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        images = run(pipe, batch_size=2).images
+    assert torch.isnan(images).all()
+    warnings = [record.getMessage() for record in caplog.records if "non-finite" in record.getMessage()]
+    assert warnings == ["2 of the 2 generated images hold non-finite values (NaN or inf), which become black pixels: "
+                        "the score network or the prior gives non-finite outputs (e.g. weights of a diverged training "
+                        "run)."]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Local folders and Hub ids
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """The Hub offline, an empty cache, and a working folder holding a folder "outputs"."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "outputs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return str(tmp_path / "cache")
+
+
+def test_a_mistyped_folder_is_no_such_folder_and_an_unreachable_hub_id_offline_or_not_found(offline_hub):
+    # "outputs/pipline": "outputs" is a folder here, so this is a path (the Hub is not tried), as are these
+    for name in ("outputs/pipline", "outputs/demo/pipline", "./pipline"):
+        assert is_local_path(name)
+        with pytest.raises(FileNotFoundError, match=f"No such folder: '{name}'"):
+            DiNofPipeline.from_pretrained(name, cache_dir=offline_hub)
+    assert not is_local_path("dinof-test/missing")
+    with pytest.raises(OSError, match="'dinof-test/missing' cannot be read \\(offline / not found\\)"):
+        DiNofPipeline.from_pretrained("dinof-test/missing", cache_dir=offline_hub)
+    # the training path reads single files: offline and not cached is not "absent" (LocalEntryNotFoundError is an
+    # EntryNotFoundError, as a file the repository lacks is)
+    with pytest.raises(OSError, match="offline / not found"):
+        model_file("dinof-test/missing", "model_index.json", cache_dir=offline_hub)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training_scripts/sample.py
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample_script():
+    spec = importlib.util.spec_from_file_location("sample_script", REPO_ROOT / "training_scripts" / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_compares_dinof_and_the_baseline_on_one_grid(sample_script, tmp_path):
+    tiny_pipeline(flow_start=0.6).save_pretrained(tmp_path / "pipeline")  # N = 50 noise scales
+    out = tmp_path / "out"
+    base = ["--pipeline", str(tmp_path / "pipeline"), "--output_dir", str(out), "--num_images", "2", "--device", "cpu"]
+    sample_script.main([*base, "--compare_baseline", "--num_inference_steps", "10"])
+    report = json.loads((out / "sampling.json").read_text())
+    assert report["baseline"]["steps"] == 10 and report["dinof"]["steps"] == 6  # int(10 * 0.6) from t*
+    assert report["dinof"]["nfe"] / report["baseline"]["nfe"] == 0.6
+    assert (out / "dinof.png").is_file() and (out / "baseline.png").is_file()
+    sample_script.main([*base, "--num_inference_steps", "10"])  # alone: DiNof's own steps from t*
+    assert json.loads((out / "sampling.json").read_text())["dinof"]["steps"] == 10
+
+
+def test_sample_reports_bad_input_clearly(sample_script, tmp_path, capsys):
+    tiny_pipeline().save_pretrained(tmp_path / "pipeline")
+    (tmp_path / "a_file").write_text("")
+    pipeline = ["--pipeline", str(tmp_path / "pipeline")]
+    cases = [
+        ([*pipeline, "--output_dir", str(tmp_path / "a_file")], "--output_dir .* is a file"),
+        ([*pipeline, "--output_dir", str(tmp_path / "a_file" / "under")], "--output_dir .* is not a writable folder"),
+        (["--pipeline", str(tmp_path / "pipline"), "--output_dir", str(tmp_path)], "No such folder"),
+        ([*pipeline, "--output_dir", str(tmp_path), "--num_inference_steps", "80"], "num_inference_steps"),
+        ([*pipeline, "--output_dir", str(tmp_path), "--num_inference_steps", "1", "--compare_baseline"], "0 steps"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            sample_script.main([*argv, "--num_images", "1", "--device", "cpu"])
+        text = f"{exit_info.value.code} {capsys.readouterr().err}"
+        assert exit_info.value.code != 0 and re.search(message, text), (argv, text)
+    assert not (tmp_path / "sampling.json").exists()
+
+
+def test_readme_says_how_to_run_the_installed_tools():
+    readme = (REPO_ROOT / "README.md").read_text()
+    first_lines = readme.split("```bash\n", 1)[1].splitlines()[:2]
+    assert first_lines[0].startswith("make demo") and first_lines[1].startswith("make test")
+    assert "source .venv/bin/activate" in readme
