@@ -2,6 +2,7 @@
 the self-contained (`bundle_code=True`) copy loaded where the package cannot be imported, the scheduler family, NumPy
 integers, non-finite output, local folders against Hub ids, and training_scripts/sample.py."""
 
+import argparse
 import ast
 import importlib.util
 import json
@@ -17,10 +18,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
+from test_gaussian_prior import gaussian_pipeline
 from test_pipeline import run, tiny_pipeline
 
-from dinof_diffusers import DiNofPipeline, DiNofScheduler, FlowPriorModel
+from dinof_diffusers import DiNofPipeline, DiNofScheduler, FlowPriorModel, GaussianPriorModel
 from dinof_diffusers.hub_utils import is_local_path, model_file
+from dinof_diffusers.training import resolve_run_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,17 +66,18 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-folder, images_path, again, threads = sys.argv[1:]
-torch.set_num_threads(int(threads))
-pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
-pipe.set_progress_bar_config(disable=True)
-module = sys.modules[type(pipe).__module__]
-assert module.__name__ == "diffusers_modules.local.pipeline_dinof", module.__name__
-# one class per name: the components are of the classes the pipeline file imported
-assert type(pipe.flow_prior) is module.FlowPriorModel and type(pipe.scheduler) is module.DiNofScheduler
-images = pipe(num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0)).images
-np.save(images_path, images.numpy())
-pipe.save_pretrained(again, bundle_code=True)
+torch.set_num_threads(int(sys.argv[1]))
+for folder in sys.argv[2:]:
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    module = sys.modules[type(pipe).__module__]
+    assert module.__name__ == "diffusers_modules.local.pipeline_dinof", module.__name__
+    # one class per name: the components are of the classes the pipeline file imported
+    for component in (pipe.flow_prior, pipe.scheduler):
+        assert type(component) is getattr(module, type(component).__name__), type(component)
+    images = pipe(num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    np.save(f"{folder}-images.npy", images.numpy())
+    pipe.save_pretrained(f"{folder}-again", bundle_code=True)
 assert not [name for name in sys.modules if name.split(".")[0] == "dinof_diffusers"]
 """
 
@@ -129,16 +133,25 @@ def test_bundled_copy_loads_without_the_package(tmp_path):
     assert type(loaded.scheduler) is DiNofScheduler and type(loaded.flow_prior) is FlowPriorModel
     with pytest.raises(ValueError, match="trust_remote_code"):
         DiffusionPipeline.from_pretrained(bundled)
+    run_config = resolve_run_config(argparse.Namespace(pretrained_model_name_or_path=str(bundled)))
+    assert run_config.pretrained_kind == "dinof" and run_config.flow_prior == "pretrained"  # train.py's reading
 
-    images_path, again = tmp_path / "images.npy", tmp_path / "again"
+    # with a GaussianPriorModel as the prior, its module is bundled instead of the flow's
+    scheduler, prior = gaussian_pipeline()
+    gaussian = tmp_path / "gaussian"
+    DiNofPipeline(unet=pipe.unet, scheduler=scheduler, flow_prior=prior).save_pretrained(gaussian, bundle_code=True)
+    assert json.loads((gaussian / "model_index.json").read_text())["flow_prior"][1] == "GaussianPriorModel"
+    assert {"gaussian_prior.py", "validation.py"} <= {path.name for path in (gaussian / "flow_prior").glob("*.py")}
+
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    command = [sys.executable, "-c", WITHOUT_THE_PACKAGE, str(bundled), str(images_path), str(again)]
-    result = subprocess.run(
-        [*command, str(torch.get_num_threads())], cwd=tmp_path, env=environment, capture_output=True, text=True
-    )
+    command = [sys.executable, "-c", WITHOUT_THE_PACKAGE, str(torch.get_num_threads()), str(bundled), str(gaussian)]
+    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_array_equal(np.load(images_path), run(loaded).images.numpy())
-    assert code_files(again) == files  # a bundled pipeline bundles again, to the same files
+    gaussian_loaded = load_quietly(DiNofPipeline.from_pretrained, gaussian)
+    assert type(gaussian_loaded.flow_prior) is GaussianPriorModel
+    for folder, original in ((bundled, loaded), (gaussian, gaussian_loaded)):
+        np.testing.assert_array_equal(np.load(f"{folder}-images.npy"), run(original).images.numpy())
+        assert code_files(f"{folder}-again") == code_files(folder)  # a bundled pipeline bundles again, the same
 
 
 # ----------------------------------------------------------------------------------------------------------------------
