@@ -43,7 +43,7 @@ def component_module_name(component_name: str) -> str:
     return f"{component_name}_component"
 
 
-def _is_bundled(module_name: str) -> bool:
+def _in_package(module_name: str) -> bool:
     return module_name.startswith(f"{_PACKAGE}.")
 
 
@@ -64,7 +64,7 @@ def _flat_source(module_name: str) -> Tuple[str, List[str]]:
         absolute = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
         if isinstance(node, ast.ImportFrom) and not node.level:
             absolute = [node.module]
-        if any(name == _PACKAGE or _is_bundled(name) for name in absolute):
+        if any(name == _PACKAGE or _in_package(name) for name in absolute):
             raise ValueError(f"{module_name} imports {absolute} by absolute name: a bundled copy cannot resolve it.")
         if not (isinstance(node, ast.ImportFrom) and node.level):
             continue
@@ -116,7 +116,7 @@ def write_code_bundle(pipeline, save_directory: str) -> None:
         save_directory (`str`): the folder holding the saved pipeline.
     """
     pipeline_class = type(pipeline)
-    if not _is_bundled(pipeline_class.__module__):
+    if not _in_package(pipeline_class.__module__):
         raise ValueError(
             f"`bundle_code=True` writes the code of {_PACKAGE}'s classes; {pipeline_class.__name__} comes from "
             f"{pipeline_class.__module__}."
@@ -129,10 +129,9 @@ def write_code_bundle(pipeline, save_directory: str) -> None:
     _name_indirect_imports(pipeline_files, entry)
     folders = {"": pipeline_files}
     for name, component in pipeline.components.items():
-        class_module = type(component).__module__
-        if component is None or not _is_bundled(class_module) or not index.get(name, [None])[0]:
+        if component is None or not _in_package(type(component).__module__) or not index.get(name, [None])[0]:
             continue
-        class_name = type(component).__name__
+        class_module, class_name = type(component).__module__, type(component).__name__
         files = _module_files(class_module)
         entry_source = (
             f'"""The {name} component of the pipeline: diffusers imports {class_name} from this file. The class lives '

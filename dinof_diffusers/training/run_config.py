@@ -29,8 +29,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from diffusers import UNet2DModel
 from diffusers.optimization import SchedulerType
 
-from ..config_utils import public_config
 from ..code_bundle import package_model_index
+from ..config_utils import public_config
 from ..hub_utils import is_local_path, model_file
 from ..models.flow_prior import FlowPriorModel
 from ..schedulers.scheduling_dinof import SDE_TYPES, DiNofScheduler
