@@ -19,7 +19,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 from test_gaussian_prior import gaussian_pipeline
-from test_pipeline import run, tiny_pipeline
+from test_pipeline import cheap_pipeline, run, tiny_pipeline
 
 from dinof_diffusers import DiNofPipeline, DiNofScheduler, FlowPriorModel, GaussianPriorModel
 from dinof_diffusers.hub_utils import is_local_path, model_file
@@ -180,6 +180,14 @@ def test_numpy_integers_are_accepted():
     assert torch.equal(output.images, expected.images) and output.nfe == expected.nfe
     with pytest.raises(ValueError, match="batch_size"):
         run(pipe, batch_size=np.float64(2.0))
+    # and where the ODE likelihood validates integers (an analytic score network: a quick, smooth ODE)
+    pipe, _ = cheap_pipeline()
+    images = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    likelihoods = [
+        pipe.log_likelihood(images, batch_size=size, num_bits=bits, generator=torch.Generator().manual_seed(0))
+        for size, bits in ((1, 8), (np.int64(1), np.int64(8)))
+    ]
+    assert torch.equal(likelihoods[0].bits_per_dim, likelihoods[1].bits_per_dim)
 
 
 def test_non_finite_output_warns_once_per_call(caplog):

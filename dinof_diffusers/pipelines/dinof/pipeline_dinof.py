@@ -677,7 +677,7 @@ class DiNofPipeline(DiffusionPipeline):
         end = scheduler.t_star if use_flow_prior else scheduler.T
         drift = self._probability_flow_drift()
         prior_log_probs, delta_log_probs, nfe = [], [], 0
-        chunks = x.split(batch_size or len(x))
+        chunks = x.split(int(batch_size or len(x)))  # int: a NumPy integer passes the checks too
         with self.progress_bar(total=len(chunks)) as progress_bar:
             for chunk in chunks:
                 x_end, delta, chunk_nfe = integrate_log_density(
