@@ -33,7 +33,7 @@ __all__ = [
     "NCSNppOutput",
 ]
 
-for _public_class in (DiNofPipeline, DiNofScheduler, FlowPriorModel, GaussianPriorModel):
+for _public_class in (DiNofPipeline, DiNofScheduler, FlowPriorModel, GaussianPriorModel, NCSNppModel):
     _registered = getattr(diffusers, _public_class.__name__, None)
     if _registered is None or _registered.__module__.startswith(f"{__name__}."):
         setattr(diffusers, _public_class.__name__, _public_class)

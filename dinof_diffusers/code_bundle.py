@@ -26,7 +26,8 @@ import importlib.util
 import json
 import os
 import re
-from typing import Any, Dict, List, Mapping, Tuple
+import sys
+from typing import Any, Dict, List, Tuple
 
 from .file_utils import write_json_atomically, write_text_atomically
 
@@ -149,14 +150,19 @@ def write_code_bundle(pipeline, save_directory: str) -> None:
     write_json_atomically(index, index_path)
 
 
-def package_model_index(index: Dict[str, Any], component_modules: Mapping[str, str]) -> Dict[str, Any]:
-    """A bundled folder's `model_index.json` as the package-based save writes it: the pipeline named by its class,
-    each bundled component by the module of its class in `component_modules` (class name -> module name), so that
-    the classes already imported, not the bundled code, load it. Any other index is returned as it is."""
+def package_model_index(index: Dict[str, Any]) -> Dict[str, Any]:
+    """A bundled folder's `model_index.json` as the package-based save writes it: the pipeline named by its class, and
+    each bundled component whose class the package exports by the module of that class, so that the classes already
+    imported, not the bundled code, load it. Any other index is returned as it is."""
     if not isinstance(index.get("_class_name"), list):
         return index
+    package = sys.modules.get(_PACKAGE)
     package_index = dict(index, _class_name=index["_class_name"][1])
     for name, value in index.items():
-        if isinstance(value, list) and value[0] == component_module_name(name) and value[1] in component_modules:
-            package_index[name] = [component_modules[value[1]], value[1]]
+        if not (isinstance(value, list) and value[0] == component_module_name(name)):
+            continue
+        component_class = getattr(package, value[1], None)
+        if isinstance(component_class, type):
+            # the class's own module, as save_pretrained records it: diffusers looks ModelMixin & co. up there
+            package_index[name] = [component_class.__module__, value[1]]
     return package_index

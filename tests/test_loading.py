@@ -19,9 +19,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 from test_gaussian_prior import gaussian_pipeline
+from test_ncsnpp import PUBLISHED_KINDS
 from test_pipeline import cheap_pipeline, run, tiny_pipeline
 
-from dinof_diffusers import DiNofPipeline, DiNofScheduler, FlowPriorModel, GaussianPriorModel
+from dinof_diffusers import DiNofPipeline, DiNofScheduler, FlowPriorModel, GaussianPriorModel, NCSNppModel
 from dinof_diffusers.hub_utils import is_local_path, model_file
 from dinof_diffusers.training import resolve_run_config
 
@@ -136,19 +137,23 @@ def test_bundled_copy_loads_without_the_package(tmp_path):
     run_config = resolve_run_config(argparse.Namespace(pretrained_model_name_or_path=str(bundled)))
     assert run_config.pretrained_kind == "dinof" and run_config.flow_prior == "pretrained"  # train.py's reading
 
-    # with a GaussianPriorModel as the prior, its module is bundled instead of the flow's
+    # a GaussianPriorModel prior and an NCSNppModel score network: their modules are bundled as well
     scheduler, prior = gaussian_pipeline()
+    torch.manual_seed(0)
+    ncsnpp = NCSNppModel(**dict(PUBLISHED_KINDS["ncsnpp-ve"], in_channels=1)).eval()
     gaussian = tmp_path / "gaussian"
-    DiNofPipeline(unet=pipe.unet, scheduler=scheduler, flow_prior=prior).save_pretrained(gaussian, bundle_code=True)
-    assert json.loads((gaussian / "model_index.json").read_text())["flow_prior"][1] == "GaussianPriorModel"
+    DiNofPipeline(unet=ncsnpp, scheduler=scheduler, flow_prior=prior).save_pretrained(gaussian, bundle_code=True)
+    index = json.loads((gaussian / "model_index.json").read_text())
+    assert index["flow_prior"][1] == "GaussianPriorModel" and index["unet"] == ["unet_component", "NCSNppModel"]
     assert {"gaussian_prior.py", "validation.py"} <= {path.name for path in (gaussian / "flow_prior").glob("*.py")}
+    assert {"ncsnpp.py", "ncsnpp_layers.py"} <= {path.name for path in (gaussian / "unet").glob("*.py")}
 
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     command = [sys.executable, "-c", WITHOUT_THE_PACKAGE, str(torch.get_num_threads()), str(bundled), str(gaussian)]
     result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     gaussian_loaded = load_quietly(DiNofPipeline.from_pretrained, gaussian)
-    assert type(gaussian_loaded.flow_prior) is GaussianPriorModel
+    assert type(gaussian_loaded.flow_prior) is GaussianPriorModel and type(gaussian_loaded.unet) is NCSNppModel
     for folder, original in ((bundled, loaded), (gaussian, gaussian_loaded)):
         np.testing.assert_array_equal(np.load(f"{folder}-images.npy"), run(original).images.numpy())
         assert code_files(f"{folder}-again") == code_files(folder)  # a bundled pipeline bundles again, the same

@@ -483,7 +483,7 @@ def _score_network_source(flags: Dict[str, Any]) -> Dict[str, Any]:
             raise TrainingError(f"--pretrained_model_name_or_path {path!r}: cannot read {filename}: {error}") from None
 
     index = read("model_index.json")
-    index = None if index is None else package_model_index(index, {})  # a bundled copy names the class as a pair
+    index = None if index is None else package_model_index(index)  # a bundled copy names the class as a pair
     kind = "unet" if index is None else "dinof" if index.get("_class_name") == "DiNofPipeline" else "pipeline"
     unet = read("config.json" if kind == "unet" else "unet/config.json")
     if unet is None:

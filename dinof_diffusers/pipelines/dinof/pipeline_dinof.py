@@ -220,12 +220,11 @@ class DiNofPipeline(DiffusionPipeline):
     @classmethod
     def load_config(cls, *args, **kwargs):
         # what `from_pretrained` reads model_index.json with: a bundled folder's index names its code files, and is
-        # read as the package-based save's, so that the classes of this module load it
+        # read as the package-based save's, so that the installed package's classes load it
         loaded = super().load_config(*args, **kwargs)
-        classes = {klass.__name__: klass.__module__ for klass in (FlowPriorModel, GaussianPriorModel, DiNofScheduler)}
         if isinstance(loaded, tuple):
-            return (package_model_index(loaded[0], classes), *loaded[1:])
-        return package_model_index(loaded, classes)
+            return (package_model_index(loaded[0]), *loaded[1:])
+        return package_model_index(loaded)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, bundle_code: bool = False, **kwargs):
         """`DiffusionPipeline.save_pretrained`, and with `bundle_code=True` a self-contained copy.
