@@ -69,26 +69,6 @@ def write_text_atomically(text: str, path: PathLike) -> None:
             handle.write(text)
 
 
-def check_output_folder(path: PathLike, name: str) -> str:
-    """Creates the output folder `path` if needed and checks that files can be written in it, before any work starts.
-
-    Raises:
-        ValueError: naming `name` (a flag such as "--output_dir", or an argument) when `path` is a file, lies under
-            one, or cannot be created or written to, with the reason.
-    """
-    path = os.fspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{name} {path!r} is a file, not a folder.")
-    try:
-        os.makedirs(path, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=path, prefix=TEMPORARY_PREFIX)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as error:
-        raise ValueError(f"{name} {path!r} is not a writable folder: {error.strerror or error}.") from None
-    return path
-
-
 def replace_path(source: PathLike, destination: PathLike) -> None:
     """Renames the file or folder `source` to `destination`, replacing what is there.
 

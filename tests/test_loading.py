@@ -274,7 +274,7 @@ def test_sample_reports_bad_input_clearly(sample_script, tmp_path, capsys):
     pipeline = ["--pipeline", str(tmp_path / "pipeline")]
     cases = [
         ([*pipeline, "--output_dir", str(tmp_path / "a_file")], "--output_dir .* is a file"),
-        ([*pipeline, "--output_dir", str(tmp_path / "a_file" / "under")], "--output_dir .* is not a writable folder"),
+        ([*pipeline, "--output_dir", str(tmp_path / "a_file" / "under")], "--output_dir .* cannot be written to"),
         (["--pipeline", str(tmp_path / "pipline"), "--output_dir", str(tmp_path)], "No such folder"),
         ([*pipeline, "--output_dir", str(tmp_path), "--num_inference_steps", "80"], "num_inference_steps"),
         ([*pipeline, "--output_dir", str(tmp_path), "--num_inference_steps", "1", "--compare_baseline"], "0 steps"),

@@ -16,7 +16,7 @@ import time
 import torch
 
 from dinof_diffusers import DiNofPipeline
-from dinof_diffusers.file_utils import check_output_folder, write_json_atomically
+from dinof_diffusers.file_utils import check_writable_folder, write_json_atomically
 from dinof_diffusers.image_utils import image_grid, save_image_atomically
 from dinof_diffusers.validation import check_number, check_positive_int
 
@@ -45,7 +45,7 @@ def parse_args(argv=None):
         for flag in ("num_images", "grid_scale", "num_inference_steps"):
             check_positive_int(getattr(args, flag), f"--{flag}", allow_none=flag == "num_inference_steps")
         check_number(args.flow_temperature, "--flow_temperature", minimum=0.0, exclusive_minimum=True)
-        check_output_folder(args.output_dir, "--output_dir")
+        check_writable_folder(args.output_dir, "--output_dir")
     except ValueError as error:
         parser.error(str(error))
     return args
