@@ -22,3 +22,23 @@ def trained_tiny_pipeline_dir(tmp_path_factory, single_thread):
     path = tmp_path_factory.mktemp("trained_tiny_pipeline")
     train_tiny_pipeline().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_dir(tmp_path_factory):
+    """A tiny randomly initialised `Dinov2Model` (hidden size 8) saved to a folder: it loads through the same path as
+    a Hub id (`feature_extractor_weights_path`), offline."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=28,
+        patch_size=14,
+    )
+    path = tmp_path_factory.mktemp("tiny_dinov2")
+    Dinov2Model(config).save_pretrained(path)
+    return path

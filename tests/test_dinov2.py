@@ -7,7 +7,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from transformers import Dinov2Config, Dinov2Model
+from transformers import Dinov2Model
 
 from dinof_diffusers.evaluation import (
     DINOV2_FEATURE_EXTRACTOR_NAME,
@@ -17,18 +17,7 @@ from dinof_diffusers.evaluation import (
     preprocess_dinov2,
 )
 
-HIDDEN = 8
-
-
-@pytest.fixture(scope="module")
-def tiny_dinov2_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=28, patch_size=14
-    )
-    path = tmp_path_factory.mktemp("tiny_dinov2")
-    Dinov2Model(config).save_pretrained(path)
-    return path
+HIDDEN = 8  # the hidden size of the `tiny_dinov2_dir` fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")

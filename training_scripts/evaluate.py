@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Evaluate a DiNof pipeline: generate samples (resumably) and compute FID / IS / KID / precision-recall.
+"""Evaluate a DiNof pipeline: generate samples (resumably, on one process or many) and compute FID / IS / KID /
+precision-recall with one or several feature extractors.
 
-Samples go to `<output_dir>/samples/` (an interrupted run resumes where it stopped, byte-identically); the metrics,
-NFE, seconds per image and the sampler and model configuration go to `<output_dir>/metrics.json`.
+Samples go to `<output_dir>/samples/` (an interrupted run resumes where it stopped, byte-identically, on any number
+of processes); the metrics of every feature extractor, NFE, seconds per image, the throughput, the sampler and model
+configuration and the weights' fingerprint go to `<output_dir>/metrics.json`.
 
 Offline, on the embedded digits (the digit classifier is trained once and cached; see
 `dinof_diffusers.evaluation.digits_classifier`):
@@ -10,14 +12,18 @@ Offline, on the embedded digits (the digit classifier is trained once and cached
     python training_scripts/evaluate.py --pipeline outputs/demo/pipeline --output_dir outputs/demo/eval \
         --num_samples 1000 --reference digits
 
-The paper's metrics (torch-fidelity's Inception-v3, downloaded by torch-fidelity on first use):
+The paper's metrics (torch-fidelity's Inception-v3, downloaded by torch-fidelity on first use) and FD-DINOv2 from the
+same samples, on 8 GPUs (each process makes whole batches; the dump is the same as on one process):
 
-    python training_scripts/evaluate.py --pipeline <dir or hub id> --output_dir eval --num_samples 50000 \
-        --reference cifar10-train --feature_extractor inception-v3-compat
+    accelerate launch --multi_gpu --num_processes 8 training_scripts/evaluate.py --pipeline <dir or hub id> \
+        --output_dir eval --num_samples 50000 --reference cifar10-train \
+        --feature_extractor inception-v3-compat dinov2-hf-vit-l-14
 
-With `--feature_extractor dinof-digits`, "inception_score" is the classifier-confidence score: the Inception score
-computed with the digit classifier's logits. With the published `langevin_norm="batch"`, a sample depends on the
-other samples of its batch, so `--batch_size` is part of the experiment.
+The reference and the feature extractors' weights are fetched (or found in their caches) before the first sample
+is generated, so a missing download fails at once. With `--feature_extractor dinof-digits`, "inception_score" is the
+classifier-confidence score: the Inception score computed with the digit classifier's logits. With the published
+`langevin_norm="batch"`, a sample depends on the other samples of its batch, so `--batch_size` is part of the
+experiment (the number of processes is not).
 """
 
 import argparse
@@ -32,21 +38,24 @@ from dinof_diffusers.config_utils import public_config
 from dinof_diffusers.evaluation import (
     DIGITS_FEATURE_EXTRACTOR_NAME,
     SUPPORTED_METRICS,
+    EvaluationError,
     compute_metrics,
     configure_scheduler,
     default_feature_extractor,
     digits_classifier_info,
     generate_samples,
+    prepare_metrics,
+    registered_feature_extractors,
+    run_on_main_process,
 )
 from dinof_diffusers.evaluation.digits_classifier import default_cache_dir, default_classifier_path
-from dinof_diffusers.evaluation.metrics import INCEPTION_FEATURE_EXTRACTOR_NAME
+from dinof_diffusers.evaluation.distributed import process_state
 from dinof_diffusers.file_utils import write_json_atomically
 from dinof_diffusers.hub_utils import is_local_path
 from dinof_diffusers.pipelines.dinof import DiNofPipeline
 from dinof_diffusers.schedulers.scheduling_dinof import CORRECTORS, LANGEVIN_NORMS, PREDICTORS  # checked up front
 from dinof_diffusers.validation import check_int, check_number, check_positive_int
 
-FEATURE_EXTRACTORS = ("auto", INCEPTION_FEATURE_EXTRACTOR_NAME, DIGITS_FEATURE_EXTRACTOR_NAME)
 SAMPLERS = ("dinof", "baseline")
 # Sampler options that are scheduler configuration keys rather than pipeline call arguments.
 SCHEDULER_FLAGS = ("snr", "langevin_norm", "corrector", "predictor", "correct_steps")
@@ -57,7 +66,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--pipeline", required=True, help="Folder or Hub id of a saved DiNofPipeline.")
     parser.add_argument("--output_dir", required=True, help="Where `samples/` and `metrics.json` are written.")
     parser.add_argument("--num_samples", type=int, default=1000, help="Number of generated images.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per pipeline call.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per pipeline call (on every process).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sample dump (batch b uses (seed, b)).")
     parser.add_argument(
         "--reference",
@@ -77,9 +86,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--feature_extractor",
-        default="auto",
-        choices=FEATURE_EXTRACTORS,
-        help="auto: dinof-digits for --reference digits, inception-v3-compat otherwise.",
+        nargs="+",
+        default=["auto"],
+        metavar="NAME",
+        help="One or several torch-fidelity feature extractors, each scored on the same samples: "
+        "inception-v3-compat (FID), dinov2-hf-vit-l-14 (FD-DINOv2), dinof-digits (offline), ... "
+        "auto: dinof-digits for --reference digits, inception-v3-compat otherwise.",
     )
     parser.add_argument(
         "--metrics",
@@ -88,9 +100,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--feature_extractor_weights_path",
+        nargs="+",
         default=None,
-        help="Local weights of the feature extractor (torch-fidelity's Inception .pth, or a digits classifier file); "
-        "default: torch-fidelity's download for Inception, the cached classifier for dinof-digits.",
+        metavar="[NAME=]PATH",
+        help="Local weights of a feature extractor: torch-fidelity's Inception .pth, a digits classifier file, a "
+        "DINOv2 folder or Hub id; NAME= says which extractor when there are several. Default: torch-fidelity's "
+        "download for Inception, the cached classifier for dinof-digits, the Hub (cached) for DINOv2.",
     )
     parser.add_argument("--kid_subset_size", type=int, default=1000, help="Reduced to the sample counts if larger.")
     parser.add_argument(
@@ -106,10 +121,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--corrector", default=None, choices=CORRECTORS, help="Scheduler config override.")
     parser.add_argument("--predictor", default=None, choices=PREDICTORS, help="Scheduler config override.")
     parser.add_argument("--correct_steps", type=int, default=None, help="Corrector steps per reverse step.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="Device of a plain (one-process) run; default cuda when available. Under `accelerate launch` each "
+        "process uses the device accelerate gives it.",
+    )
     parser.add_argument("--cache_dir", default=None, help="Cache of references and the digit classifier.")
     parser.add_argument(
-        "--overwrite", action="store_true", help="Replace a sample dump in output_dir made with other arguments."
+        "--overwrite",
+        action="store_true",
+        help="Replace a sample dump in output_dir made with other arguments or other weights.",
     )
     parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
     args = parser.parse_args(argv)
@@ -151,18 +173,51 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"--reference {args.reference!r} looks like a path but does not exist.")
     if is_local_path(args.pipeline) and not os.path.isdir(args.pipeline):
         parser.error(f"--pipeline {args.pipeline!r} looks like a path but is not a folder.")
-    if args.feature_extractor == "auto":
-        args.feature_extractor = default_feature_extractor(args.reference)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         parser.error(f"--output_dir {args.output_dir!r} exists and is not a folder.")
-    if args.feature_extractor_weights_path is not None and not os.path.isfile(args.feature_extractor_weights_path):
-        parser.error(f"--feature_extractor_weights_path {args.feature_extractor_weights_path!r} is not a file.")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} requested but CUDA is not available.")
+    _validate_feature_extractors(args, parser)
 
 
-def sampler_call_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """The pipeline call arguments of the chosen sampler."""
+def _validate_feature_extractors(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`args.feature_extractor` becomes a list of registered names, `args.feature_extractor_weights` a dict."""
+    known = registered_feature_extractors()
+    names = list(dict.fromkeys(args.feature_extractor))
+    if names == ["auto"]:
+        names = [default_feature_extractor(args.reference)]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"--feature_extractor must be 'auto' or names among {known}, got {unknown}.")
+    args.feature_extractor = names
+    args.feature_extractor_weights = {}
+    for entry in args.feature_extractor_weights_path or []:
+        name, separator, path = entry.partition("=")
+        if not (separator and name in known):
+            if len(names) > 1:
+                parser.error(
+                    f"--feature_extractor_weights_path {entry!r}: with several feature extractors, say which one it "
+                    f"is for as NAME=PATH (NAME among {names})."
+                )
+            name, path = names[0], entry
+        if name not in names:
+            parser.error(f"--feature_extractor_weights_path {entry!r}: {name!r} is not among --feature_extractor.")
+        if is_local_path(path) and not os.path.exists(path):
+            parser.error(f"--feature_extractor_weights_path {path!r} looks like a path but does not exist.")
+        args.feature_extractor_weights[name] = path
+
+
+def configure_sampler(args: argparse.Namespace, pipeline) -> Dict[str, Any]:
+    """Sets the scheduler options of the chosen sampler on `pipeline` and returns its pipeline call arguments.
+
+    All of the sampler's flags are read here (and only here), so that a new sampler or prior is one change.
+    """
+    if args.sampler == "dinof" and getattr(pipeline, "flow_prior", True) is None:
+        raise EvaluationError(
+            "--sampler dinof needs a pipeline with a flow prior; this one has none (use --sampler baseline)."
+        )
+    if getattr(pipeline, "scheduler", None) is not None:
+        configure_scheduler(pipeline, **{flag: getattr(args, flag) for flag in SCHEDULER_FLAGS})
     kwargs: Dict[str, Any] = {"use_flow_prior": args.sampler == "dinof"}
     if args.num_inference_steps is not None:
         kwargs["num_inference_steps"] = args.num_inference_steps
@@ -171,31 +226,76 @@ def sampler_call_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return kwargs
 
 
+def resolve_device(args: argparse.Namespace, state) -> torch.device:
+    """`--device` in a plain run (default: accelerate's choice, cuda when available); accelerate's device, one per
+    process, under `accelerate launch` with several processes."""
+    if state.num_processes > 1:
+        if args.device is not None:
+            raise EvaluationError(
+                f"--device {args.device} is for plain one-process runs: under `accelerate launch` with "
+                f"{state.num_processes} processes each uses the device accelerate gives it (choose with accelerate's "
+                "--cpu, --gpu_ids or its config)."
+            )
+        return state.device
+    return torch.device(args.device) if args.device is not None else state.device
+
+
 def _component_config(component) -> Optional[Dict[str, Any]]:
     config = getattr(component, "config", None)
     return None if config is None else public_config(config)
 
 
-def evaluate(args: argparse.Namespace, pipeline) -> Dict[str, Any]:
-    """Configures the sampler of `pipeline`, generates the samples, computes the metrics and writes `metrics.json`.
+def _sample_size(pipeline) -> Optional[int]:
+    size = getattr(getattr(getattr(pipeline, "unet", None), "config", None), "sample_size", None)
+    return max(size) if isinstance(size, (list, tuple)) else size
+
+
+def metric_options(args: argparse.Namespace, pipeline, device: torch.device) -> Dict[str, Any]:
+    """The keywords that `prepare_metrics` and `compute_metrics` share."""
+    return {
+        "reference": args.reference,
+        "feature_extractor": args.feature_extractor,
+        "metrics": args.metrics,
+        "batch_size": max(args.batch_size, 64),
+        "cuda": device.type == "cuda",
+        "reference_resolution": args.reference_resolution or _sample_size(pipeline),
+        "cache_dir": args.cache_dir,
+        "verbose": not args.no_progress,
+        "feature_extractor_weights": args.feature_extractor_weights,
+        "reference_kwargs": {
+            "split": args.reference_split,
+            "config_name": args.reference_config,
+            "image_column": args.reference_image_column,
+            "max_samples": args.reference_max_samples,
+        },
+    }
+
+
+def evaluate(args: argparse.Namespace, pipeline, state=None) -> Optional[Dict[str, Any]]:
+    """Configures the sampler of `pipeline`, fetches what the metrics need, generates the samples (this process's
+    share of them), and on the main process computes the metrics and writes `metrics.json`.
 
     Args:
         args: the validated arguments of `parse_args`.
         pipeline: a loaded `DiNofPipeline` (or an object with the same call signature, `.scheduler` and `.to`).
+        state: an accelerate `PartialState`; default the current one (one process when not launched).
 
     Returns:
-        The report written to `metrics.json`.
-    """
-    if args.sampler == "dinof" and getattr(pipeline, "flow_prior", True) is None:
-        raise ValueError(
-            "--sampler dinof needs a pipeline with a flow prior; this one has none (use --sampler baseline)."
-        )
-    if getattr(pipeline, "scheduler", None) is not None:
-        configure_scheduler(pipeline, **{flag: getattr(args, flag) for flag in SCHEDULER_FLAGS})
-    if hasattr(pipeline, "to"):
-        pipeline = pipeline.to(args.device) or pipeline
+        The report written to `metrics.json` on the main process; `None` on the other processes.
 
-    sampler_kwargs = sampler_call_kwargs(args)
+    Raises:
+        EvaluationError: a dump of other weights or arguments in `output_dir`, a reference or extractor that cannot
+            be fetched, non-finite samples, `--device` under a multi-process launch.
+    """
+    state = process_state(state)
+    device = resolve_device(args, state)
+    sampler_kwargs = configure_sampler(args, pipeline)
+    if hasattr(pipeline, "to"):
+        pipeline = pipeline.to(device) or pipeline
+    options = metric_options(args, pipeline, device)
+    if args.metrics:  # before the first sample: a missing download must not wait for hours of sampling
+        run_on_main_process(lambda: prepare_metrics(**options), state)
+
     samples_dir = os.path.join(args.output_dir, "samples")
     generation = generate_samples(
         pipeline,
@@ -205,52 +305,42 @@ def evaluate(args: argparse.Namespace, pipeline) -> Dict[str, Any]:
         seed=args.seed,
         overwrite=args.overwrite,
         show_progress=not args.no_progress,
+        state=state,
         **sampler_kwargs,
     )
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None  # scoring runs once, on the main process
 
-    metrics: Dict[str, float] = {}
+    metrics: Dict[str, Dict[str, float]] = {}
     metrics_seconds = None
     if args.metrics:
         start = time.perf_counter()
-        metrics = compute_metrics(
-            samples_dir,
-            reference=args.reference,
-            feature_extractor=args.feature_extractor,
-            metrics=args.metrics,
-            batch_size=max(args.batch_size, 64),
-            cuda=args.device.startswith("cuda"),
-            reference_resolution=args.reference_resolution,
-            cache_dir=args.cache_dir,
-            kid_subset_size=args.kid_subset_size,
-            verbose=not args.no_progress,
-            **(
-                {"feature_extractor_weights_path": args.feature_extractor_weights_path}
-                if args.feature_extractor_weights_path is not None
-                else {}
-            ),
-            reference_kwargs={
-                "split": args.reference_split,
-                "config_name": args.reference_config,
-                "image_column": args.reference_image_column,
-                "max_samples": args.reference_max_samples,
-            },
-        )
+        metrics = compute_metrics(generation["files"], kid_subset_size=args.kid_subset_size, **options)
         metrics_seconds = time.perf_counter() - start
+    report = build_report(args, pipeline, generation, sampler_kwargs, metrics, metrics_seconds, device)
+    write_json_atomically(report, os.path.join(args.output_dir, "metrics.json"))
+    return report
 
+
+def build_report(args, pipeline, generation, sampler_kwargs, metrics, metrics_seconds, device) -> Dict[str, Any]:
+    """What `metrics.json` holds."""
     import diffusers
     import torch_fidelity
 
     report: Dict[str, Any] = {
         "metrics": metrics,
+        "feature_extractors": args.feature_extractor if args.metrics else [],
         "nfe": generation["nfe"],
         "seconds_per_image": generation["seconds_per_image"],
+        "throughput": generation["throughput"],
+        "num_processes": generation["num_processes"],
         "metrics_seconds": metrics_seconds,
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
         "seed": args.seed,
-        "samples_dir": samples_dir,
+        "samples_dir": generation["output_dir"],
         "reference": args.reference,
-        "feature_extractor": args.feature_extractor if args.metrics else None,
         "sampler": {"name": args.sampler, **sampler_kwargs},
         "scheduler": {
             "class": type(getattr(pipeline, "scheduler", None)).__name__,
@@ -259,10 +349,11 @@ def evaluate(args: argparse.Namespace, pipeline) -> Dict[str, Any]:
         "model": {
             "pipeline": args.pipeline,
             "class": type(pipeline).__name__,
+            "weights_fingerprint": generation["weights_fingerprint"],
             "unet": _component_config(getattr(pipeline, "unet", None)),
             "flow_prior": _component_config(getattr(pipeline, "flow_prior", None)),
         },
-        "device": args.device,
+        "device": str(device),
         "versions": {
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
@@ -270,11 +361,10 @@ def evaluate(args: argparse.Namespace, pipeline) -> Dict[str, Any]:
         },
         "argv": getattr(args, "argv", None),
     }
-    if args.metrics and args.feature_extractor == DIGITS_FEATURE_EXTRACTOR_NAME:
+    if args.metrics and DIGITS_FEATURE_EXTRACTOR_NAME in args.feature_extractor:
         cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
-        classifier_path = args.feature_extractor_weights_path or default_classifier_path(cache_dir)
-        report["digits_classifier"] = digits_classifier_info(classifier_path)
-    write_json_atomically(report, os.path.join(args.output_dir, "metrics.json"))
+        classifier_path = args.feature_extractor_weights.get(DIGITS_FEATURE_EXTRACTOR_NAME)
+        report["digits_classifier"] = digits_classifier_info(classifier_path or default_classifier_path(cache_dir))
     return report
 
 
@@ -284,8 +374,12 @@ def format_table(report: Dict[str, Any]) -> str:
     nfe = report["nfe"]
     rows.append(("NFE per image", "n/a" if nfe is None else f"{nfe:g}"))
     rows.append(("seconds per image", f"{report['seconds_per_image']:.4g}"))
-    for key, value in report["metrics"].items():
-        rows.append((key, f"{value:.6g}"))
+    throughput = report["throughput"]
+    if throughput is not None:
+        rows.append((f"images / s ({report['num_processes']} processes)", f"{throughput['images_per_second']:.4g}"))
+    for extractor, values in report["metrics"].items():
+        for key, value in values.items():
+            rows.append((f"{key} [{extractor}]", f"{value:.6g}"))
     width = max(len(name) for name, _ in rows)
     value_width = max(len(value) for _, value in rows)
     rule = "-" * (width + value_width + 3)
@@ -293,14 +387,22 @@ def format_table(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     args = parse_args(argv)
-    pipeline = DiNofPipeline.from_pretrained(args.pipeline)
-    report = evaluate(args, pipeline)
-    print(format_table(report))
-    print(f"Wrote {os.path.join(args.output_dir, 'metrics.json')}")
+    state = process_state()
+    with state.main_process_first():  # a Hub download once, not once per process
+        pipeline = DiNofPipeline.from_pretrained(args.pipeline)
+    report = evaluate(args, pipeline, state)
+    if report is not None:
+        print(format_table(report))
+        print(f"Wrote {os.path.join(args.output_dir, 'metrics.json')}")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EvaluationError as error:
+        if process_state().is_main_process:
+            print(f"evaluate.py: error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -1,5 +1,5 @@
-"""Sample generation and torch-fidelity metrics for DiNof pipelines (offline digits and DINOv2 feature extractors),
-and the flow-gain / headroom diagnostic."""
+"""Sample generation (resumable, sharded across processes under `accelerate launch`) and torch-fidelity metrics for
+DiNof pipelines (offline digits and DINOv2 feature extractors), and the flow-gain / headroom diagnostic."""
 
 from .digits_classifier import (
     DIGITS_FEATURE_EXTRACTOR_NAME,
@@ -19,6 +19,8 @@ from .dinov2 import (
     preprocess_dinov2,
     register_dinov2_feature_extractors,
 )
+from .distributed import run_on_main_process, run_sharded_batches
+from .errors import EvaluationError
 from .flow_gain import (
     Estimate,
     FlowGainResult,
@@ -31,14 +33,20 @@ from .flow_gain import (
 )
 from .metrics import (
     SUPPORTED_METRICS,
-    batch_seed,
     compute_metrics,
-    configure_scheduler,
     dataset_reference_folder,
     default_feature_extractor,
     digits_reference_folder,
-    generate_samples,
+    prepare_metrics,
+    registered_feature_extractors,
     resolve_reference,
+)
+from .sample_dump import (
+    batch_seed,
+    configure_scheduler,
+    dump_files,
+    generate_samples,
+    weights_fingerprint,
 )
 
 register_digits_feature_extractor()
@@ -50,6 +58,7 @@ __all__ = [
     "DINOV2_MODEL_IDS",
     "SUPPORTED_METRICS",
     "DigitsClassifier",
+    "EvaluationError",
     "Estimate",
     "FlowGainResult",
     "FeatureExtractorDigits",
@@ -63,6 +72,7 @@ __all__ = [
     "digits_classifier_info",
     "diffuse_images",
     "digits_reference_folder",
+    "dump_files",
     "flow_gain",
     "generate_samples",
     "images_to_tensor",
@@ -70,10 +80,15 @@ __all__ = [
     "load_dinov2_model",
     "mean_estimate",
     "mixture_log_prob",
+    "prepare_metrics",
     "preprocess_dinov2",
     "prior_log_prob",
     "register_digits_feature_extractor",
     "register_dinov2_feature_extractors",
+    "registered_feature_extractors",
     "resolve_reference",
+    "run_on_main_process",
+    "run_sharded_batches",
     "train_digits_classifier",
+    "weights_fingerprint",
 ]

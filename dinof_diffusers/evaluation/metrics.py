@@ -1,28 +1,27 @@
-"""Resumable sample dumps and torch-fidelity metrics (FID, Inception / classifier-confidence score, KID, PRC).
+"""torch-fidelity metrics of sample dumps (FID, Inception / classifier-confidence score, KID, PRC), with one or several
+feature extractors, and the references they compare with.
 
-`generate_samples` writes a pipeline's samples as PNGs in batches; `compute_metrics` compares such a folder with a
-reference through `torch_fidelity.calculate_metrics`, with either torch-fidelity's Inception-v3 (the paper's
-metrics; its weights are downloaded by torch-fidelity on first use) or the offline `"dinof-digits"` classifier.
+`compute_metrics` compares a dump (or any folder or list of images) with a reference through
+`torch_fidelity.calculate_metrics`, with torch-fidelity's Inception-v3 (the paper's metrics; its weights are
+downloaded by torch-fidelity on first use), the offline `"dinof-digits"` classifier, the DINOv2 extractors of
+`dinov2.py` (FD-DINOv2) or any other registered extractor, several in one call. `prepare_metrics` fetches or checks
+everything that needs (the extractors' weights, the reference and, for a torch-fidelity registered reference, its
+cached features) before any sample is generated, so that a missing download fails at the start of a long run.
 """
 
 import hashlib
-import json
 import os
 import re
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from ..config_utils import public_config
-from ..file_utils import atomic_folder_path, remove_temporary_files, write_json_atomically
-from ..image_utils import save_image_atomically
-from ..validation import check_int, check_positive_int
+from ..file_utils import atomic_folder_path
 from .digits_classifier import (
     DIGITS_FEATURE_EXTRACTOR_NAME,
     default_cache_dir,
@@ -30,276 +29,18 @@ from .digits_classifier import (
     register_digits_feature_extractor,
 )
 from .dinov2 import register_dinov2_feature_extractors
+from .errors import EvaluationError
+from .sample_dump import IMAGE_EXTENSIONS, dump_files, list_images
 
-MANIFEST_NAME = "generation.json"
 SUPPORTED_METRICS = ("fid", "isc", "kid", "prc")
 INCEPTION_FEATURE_EXTRACTOR_NAME = "inception-v3-compat"
 DIGITS_REFERENCE = "digits"
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-_SAMPLE_NAME = re.compile(r"^\d+\.png$")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sample generation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def batch_seed(seed: int, batch_index: int) -> int:
-    """The seed of batch `batch_index` of a dump seeded with `seed`: independent of the batches before it."""
-    return int(np.random.SeedSequence([int(seed), int(batch_index)]).generate_state(1, dtype=np.uint32)[0])
-
-
-def _jsonable(value: Any) -> Any:
-    """`value` as plain JSON data (tensors, numpy scalars, tuples, paths and unknown objects via `repr`)."""
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return repr(value)
-
-
-def _scheduler_config(pipeline) -> Optional[Dict[str, Any]]:
-    config = getattr(getattr(pipeline, "scheduler", None), "config", None)
-    return None if config is None else _jsonable(public_config(config))
-
-
-def _to_uint8_images(images: Any) -> List[np.ndarray]:
-    """A pipeline's `.images` (tensor (B, C, H, W) or array (B, H, W, C) in [0, 1], or PIL list) as uint8 arrays
-    of shape (H, W) (one channel) or (H, W, C)."""
-    if isinstance(images, (list, tuple)) and len(images) > 0 and isinstance(images[0], Image.Image):
-        return [np.asarray(image) for image in images]
-    if isinstance(images, torch.Tensor):
-        images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 4:
-        raise ValueError(f"Expected a batch of images (B, H, W, C) or (B, C, H, W), got shape {images.shape}.")
-    # diffusers' numpy_to_pil convention: round(x * 255).
-    images = (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return [image[..., 0] if image.shape[-1] == 1 else image for image in images]
-
-
-def sample_file_names(num_samples: int) -> List[str]:
-    """The file names of a dump of `num_samples` images: zero-padded indices, `000000.png`, ..."""
-    width = max(6, len(str(num_samples - 1)))
-    return [f"{index:0{width}d}.png" for index in range(num_samples)]
-
-
-def generate_samples(
-    pipeline,
-    output_dir: Union[str, os.PathLike],
-    num_samples: int,
-    batch_size: int = 64,
-    seed: int = 0,
-    overwrite: bool = False,
-    show_progress: bool = True,
-    **sampler_kwargs,
-) -> Dict[str, Any]:
-    """Generates `num_samples` images with `pipeline` and stores them as PNGs, resumably.
-
-    Batch b holds the images b * batch_size, ... (the last batch may be smaller) and is drawn with a CPU
-    `torch.Generator` seeded by `batch_seed(seed, b)`, so every batch can be redone on its own. A batch whose
-    PNGs all exist and whose statistics are recorded in `output_dir/generation.json` is skipped; any other batch is
-    generated again and its missing files are written. A dump interrupted at any point and run again with the same
-    arguments is therefore byte-identical to an uninterrupted one (for a pipeline that is deterministic given its
-    generator, on the same device and software; e.g. on CPU). The manifest records the arguments, the sampler
-    keywords and the scheduler configuration: resuming with different ones is refused. Each PNG and the manifest are
-    written atomically (temporary file + rename); temporary files left by a killed run are removed.
-
-    Args:
-        pipeline: a `DiNofPipeline` (or any callable with the same signature): called as
-            `pipeline(batch_size=..., generator=..., output_type="pt", **sampler_kwargs)` and returning an object
-            with `.images` ((B, C, H, W) in [0, 1]) and `.nfe` (network evaluations per sample).
-        output_dir: the folder of the PNGs and of `generation.json`.
-        num_samples: number of images.
-        batch_size: images per pipeline call.
-        seed: the dump's seed.
-        overwrite: delete an existing dump in `output_dir` made with other arguments instead of raising.
-        show_progress: show a progress bar over the images (the pipeline's own bar is silenced meanwhile, and set
-            back to its default afterwards, through `set_progress_bar_config`).
-        **sampler_kwargs: passed to every pipeline call (`num_inference_steps`, `use_flow_prior`,
-            `flow_temperature`, ...).
-
-    Returns:
-        A dict with `output_dir`, `num_samples`, `num_generated` (images generated by this call), `nfe` (mean NFE
-        per image over all batches), `seconds_per_image` (mean wall-clock seconds per image over all batches, the
-        pipeline call and the transfer to the CPU, from every run that contributed), `files` (the PNG paths).
-
-    Raises:
-        ValueError: on bad arguments, or when `output_dir` holds a dump made with other arguments (or PNGs without
-            a manifest) and `overwrite` is False.
-    """
-    check_positive_int(num_samples, "num_samples")
-    check_positive_int(batch_size, "batch_size")
-    check_int(seed, "seed", minimum=0)
-    for reserved in ("batch_size", "generator", "output_type", "return_dict"):
-        if reserved in sampler_kwargs:
-            raise ValueError(f"`{reserved}` is set by `generate_samples` and cannot be a sampler keyword.")
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    names = sample_file_names(num_samples)
-    identity = _jsonable(
-        {
-            "num_samples": num_samples,
-            "batch_size": batch_size,
-            "seed": seed,
-            "sampler_kwargs": sampler_kwargs,
-            "scheduler_config": _scheduler_config(pipeline),
-        }
-    )
-    manifest_path = output_dir / MANIFEST_NAME
-    manifest = _load_or_reset_manifest(output_dir, manifest_path, identity, overwrite)
-    remove_temporary_files(output_dir)  # the halves of a killed run's atomic writes
-
-    num_batches = -(-num_samples // batch_size)
-    batches = manifest["batches"]
-    todo = [
-        index
-        for index in range(num_batches)
-        if str(index) not in batches
-        or not all((output_dir / name).exists() for name in names[index * batch_size : (index + 1) * batch_size])
-    ]
-    num_done = num_samples - sum(len(names[i * batch_size : (i + 1) * batch_size]) for i in todo)
-
-    silence = getattr(pipeline, "set_progress_bar_config", None)
-    if silence is not None:
-        silence(disable=True)
-    num_generated = 0
-    try:
-        with tqdm(
-            total=num_samples, initial=num_done, unit="img", desc="Generating", disable=not show_progress
-        ) as bar:
-            for index in todo:
-                batch_names = names[index * batch_size : (index + 1) * batch_size]
-                generator = torch.Generator(device="cpu").manual_seed(batch_seed(seed, index))
-                start = time.perf_counter()
-                output = pipeline(batch_size=len(batch_names), generator=generator, output_type="pt", **sampler_kwargs)
-                images = _to_uint8_images(output.images)
-                seconds = time.perf_counter() - start
-                if len(images) != len(batch_names):
-                    raise RuntimeError(
-                        f"The pipeline returned {len(images)} images for a batch of {len(batch_names)}."
-                    )
-                for name, image in zip(batch_names, images):
-                    save_image_atomically(Image.fromarray(image), output_dir / name)
-                nfe = getattr(output, "nfe", None)
-                batches[str(index)] = {
-                    "num_images": len(batch_names),
-                    "nfe": _jsonable(nfe),
-                    "seconds": seconds,
-                }
-                write_json_atomically(manifest, manifest_path)
-                num_generated += len(batch_names)
-                bar.update(len(batch_names))
-    finally:
-        if silence is not None:
-            silence()  # the default bar again
-
-    records = [batches[str(index)] for index in range(num_batches)]
-    total_images = sum(record["num_images"] for record in records)
-    nfes = [record["nfe"] for record in records if isinstance(record["nfe"], (int, float))]
-    return {
-        "output_dir": str(output_dir),
-        "num_samples": num_samples,
-        "num_generated": num_generated,
-        "nfe": float(np.mean(nfes)) if nfes else None,
-        "seconds_per_image": sum(record["seconds"] for record in records) / total_images,
-        "files": [str(output_dir / name) for name in names],
-    }
-
-
-def _load_or_reset_manifest(
-    output_dir: Path, manifest_path: Path, identity: Dict[str, Any], overwrite: bool
-) -> Dict[str, Any]:
-    """The dump's manifest if it matches `identity`; a fresh one (after clearing the old dump if `overwrite`)
-    otherwise."""
-    existing_samples = [path for path in output_dir.iterdir() if _SAMPLE_NAME.match(path.name)]
-    manifest = None
-    if manifest_path.exists():
-        with open(manifest_path) as file:
-            manifest = json.load(file)
-        if manifest.get("identity") != identity:
-            differing = sorted(
-                key
-                for key in set(identity) | set(manifest.get("identity", {}))
-                if identity.get(key) != manifest.get("identity", {}).get(key)
-            )
-            if not overwrite:
-                raise ValueError(
-                    f"{output_dir} holds a sample dump made with other arguments (differing: {', '.join(differing)}). "
-                    "Use another output folder, the same arguments to resume, or `overwrite=True`."
-                )
-            manifest = None
-    elif existing_samples and not overwrite:
-        raise ValueError(
-            f"{output_dir} holds {len(existing_samples)} PNG samples but no {MANIFEST_NAME}, so they cannot be resumed. "
-            "Use another output folder or `overwrite=True`."
-        )
-    if manifest is None:
-        for path in existing_samples:
-            path.unlink()
-        manifest = {"identity": identity, "batches": {}}
-        write_json_atomically(manifest, manifest_path)
-    return manifest
-
-
-def configure_scheduler(pipeline, **config_overrides):
-    """Replaces `pipeline.scheduler` by one of the same class with some configuration values changed.
-
-    Args:
-        pipeline: a pipeline with a `scheduler` (a diffusers `SchedulerMixin` / `ConfigMixin`).
-        **config_overrides: configuration keys and their new values (`snr`, `corrector`, `predictor`, ...); `None`
-            values are ignored.
-
-    Returns:
-        The pipeline, modified in place.
-
-    Raises:
-        ValueError: if a key is not in the scheduler's configuration.
-    """
-    overrides = {key: value for key, value in config_overrides.items() if value is not None}
-    if not overrides:
-        return pipeline
-    scheduler = pipeline.scheduler
-    unknown = sorted(set(overrides) - set(scheduler.config))
-    if unknown:
-        raise ValueError(
-            f"{type(scheduler).__name__} has no configuration key(s) {unknown}; "
-            f"known keys: {sorted(k for k in scheduler.config if not k.startswith('_'))}."
-        )
-    pipeline.scheduler = type(scheduler).from_config(scheduler.config, **overrides)
-    return pipeline
+PathOrName = Union[str, os.PathLike]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # References
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _list_images(folder: Union[str, os.PathLike]) -> List[Path]:
-    return sorted(
-        path
-        for path in Path(folder).iterdir()
-        if path.is_file() and path.suffix.lower() in _IMAGE_EXTENSIONS and not path.name.startswith(".")
-    )
-
-
-def _image_resolution(folder: Union[str, os.PathLike]) -> int:
-    images = _list_images(folder)
-    if not images:
-        raise ValueError(f"No PNG/JPEG images in {folder}.")
-    with Image.open(images[0]) as image:
-        return max(image.size)
 
 
 def _write_image_folder_atomically(folder: Path, images: Iterable[Image.Image], show_progress: bool = False) -> Path:
@@ -440,7 +181,7 @@ def resolve_reference(
         if os.path.isdir(name):
             if any((Path(name) / marker).exists() for marker in ("state.json", "dataset_dict.json")):
                 return dataset_reference_folder(name, resolution=resolution, cache_dir=cache_dir, **dataset_kwargs)
-            if not _list_images(name):
+            if not list_images(name):
                 raise ValueError(f"The reference folder {name} holds no PNG/JPEG images.")
             return Path(name)
     return dataset_reference_folder(reference, resolution=resolution, cache_dir=cache_dir, **dataset_kwargs)
@@ -456,15 +197,179 @@ def default_feature_extractor(reference) -> str:
     return DIGITS_FEATURE_EXTRACTOR_NAME if reference == DIGITS_REFERENCE else INCEPTION_FEATURE_EXTRACTOR_NAME
 
 
-def compute_metrics(
-    samples_dir: Union[str, os.PathLike],
+def registered_feature_extractors() -> List[str]:
+    """The names torch-fidelity knows, ours ("dinof-digits", "dinov2-hf-vit-*-14") included."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    register_digits_feature_extractor()
+    register_dinov2_feature_extractors()
+    return sorted(FEATURE_EXTRACTORS_REGISTRY)
+
+
+def _check_metric_arguments(metrics: Sequence[str], reference, feature_extractors: Sequence[str]) -> None:
+    unknown = sorted(set(metrics) - set(SUPPORTED_METRICS))
+    if unknown or not metrics:
+        raise ValueError(f"`metrics` must be a non-empty subset of {SUPPORTED_METRICS}, got {tuple(metrics)}.")
+    binary = [metric for metric in metrics if metric != "isc"]
+    if binary and reference is None:
+        raise ValueError(f"The metrics {binary} need a `reference`.")
+    known = registered_feature_extractors()
+    unknown = [name for name in feature_extractors if name not in known]
+    if unknown or not feature_extractors:
+        raise ValueError(f"`feature_extractor` must be one or several of {known}, got {list(feature_extractors)}.")
+
+
+def _extractor_kwargs(
+    name: str, weights: Optional[Mapping[str, PathOrName]], cache_dir: Path, fidelity_kwargs: Dict[str, Any]
+) -> Dict[str, Any]:
+    """torch-fidelity's `feature_extractor_weights_path` for extractor `name`: from `weights`, from the caller's
+    keywords, the cached digit classifier, or none (the extractor's own download)."""
+    if weights and name in weights:
+        return {"feature_extractor_weights_path": os.fspath(weights[name])}
+    if "feature_extractor_weights_path" in fidelity_kwargs:
+        return {"feature_extractor_weights_path": fidelity_kwargs["feature_extractor_weights_path"]}
+    if name == DIGITS_FEATURE_EXTRACTOR_NAME:
+        return {"feature_extractor_weights_path": str(default_classifier_path(cache_dir))}
+    return {}
+
+
+def _feature_layers(name: str, metrics: Sequence[str]) -> List[str]:
+    """The features torch-fidelity extracts with `name` for `metrics` (the extractor's layer for each)."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    extractor_class = FEATURE_EXTRACTORS_REGISTRY[name]
+    return sorted({extractor_class.get_default_feature_layer_for_metric(metric) for metric in metrics})
+
+
+def prepare_metrics(
     reference=None,
-    feature_extractor: Optional[str] = None,
+    feature_extractor: Union[str, Sequence[str], None] = None,
+    metrics: Sequence[str] = SUPPORTED_METRICS,
+    reference_resolution: Optional[int] = None,
+    batch_size: int = 64,
+    cuda: Optional[bool] = None,
+    cache_dir: Optional[PathOrName] = None,
+    feature_extractor_weights: Optional[Mapping[str, PathOrName]] = None,
+    verbose: bool = False,
+    reference_kwargs: Optional[Dict[str, Any]] = None,
+    **fidelity_kwargs,
+) -> None:
+    """Fetches or checks what `compute_metrics` will need, so that it fails now rather than after the samples.
+
+    Loads every feature extractor once (its weights are downloaded, or read from their cache or the given path),
+    resolves the reference (`resolve_reference`: the digits and data sets are written to the cache) and, for a
+    torch-fidelity registered reference such as `"cifar10-train"`, computes its features with each extractor into
+    torch-fidelity's cache (downloading the data set if they are not cached yet), where `compute_metrics` finds
+    them. Offline (`HF_HUB_OFFLINE=1`, no network) with something not cached, it raises an `EvaluationError` that
+    says what is missing.
+
+    Args:
+        reference, feature_extractor, metrics, batch_size, cuda, cache_dir, feature_extractor_weights, verbose,
+        reference_kwargs, **fidelity_kwargs: as for `compute_metrics`.
+        reference_resolution: side length of the references written by `resolve_reference`: pass the samples'
+            (`compute_metrics` defaults to it).
+
+    Raises:
+        EvaluationError: if an extractor, the reference or its features cannot be fetched.
+    """
+    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+
+    metrics = tuple(metrics)
+    names = _extractor_names(feature_extractor, reference)
+    _check_metric_arguments(metrics, reference, names)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    resolved = None
+    if reference is not None:
+        try:
+            resolved = resolve_reference(
+                reference, resolution=reference_resolution, cache_dir=cache_dir, **(reference_kwargs or {})
+            )
+        except EvaluationError:
+            raise
+        except Exception as error:
+            raise EvaluationError(
+                f"The reference {reference!r} could not be fetched ({type(error).__name__}: {error}). Offline, a "
+                "data set must be in the datasets cache already."
+            ) from error
+    fidelity_cache = cache_dir / "fidelity_cache"
+    for name in names:
+        weights = _extractor_kwargs(name, feature_extractor_weights, cache_dir, fidelity_kwargs)
+        try:
+            extractor = create_feature_extractor(
+                name, _feature_layers(name, metrics), cuda=cuda, verbose=verbose, **weights
+            )
+        except Exception as error:
+            source = weights.get("feature_extractor_weights_path", "its default weights")
+            raise EvaluationError(
+                f"The feature extractor {name!r} could not be loaded from {source} ({type(error).__name__}: "
+                f"{error}). Offline, its weights must be cached already (torch-fidelity's Inception in the torch "
+                "hub cache, DINOv2 in the Hugging Face cache) or given as a local file or folder "
+                "(evaluate.py's --feature_extractor_weights_path)."
+            ) from error
+        if isinstance(resolved, str):  # a torch-fidelity registered input: its features go to the cache
+            try:
+                extract_featuresdict_from_input_id_cached(
+                    2,
+                    extractor,
+                    input2=resolved,
+                    batch_size=batch_size,
+                    cuda=cuda,
+                    verbose=verbose,
+                    cache_root=str(fidelity_cache),
+                    save_cpu_ram=not cuda,
+                    **{key: value for key, value in fidelity_kwargs.items() if key.startswith("datasets_")},
+                )
+            except Exception as error:
+                raise EvaluationError(
+                    f"The features of the reference {resolved!r} for {name!r} are not in the cache "
+                    f"({fidelity_cache}) and could not be computed, because the data set could not be fetched "
+                    f"({type(error).__name__}: {error}). Run once with network access, or copy the caches."
+                ) from error
+        del extractor
+
+
+def _extractor_names(feature_extractor: Union[str, Sequence[str], None], reference) -> List[str]:
+    if feature_extractor is None:
+        return [default_feature_extractor(reference)]
+    if isinstance(feature_extractor, str):
+        return [feature_extractor]
+    return list(dict.fromkeys(feature_extractor))
+
+
+def _sample_files(samples) -> List[Path]:
+    """The images to score: a dump's files (from its manifest), a folder's images, or the given paths."""
+    if isinstance(samples, (str, os.PathLike)):
+        if not os.path.isdir(samples):
+            raise ValueError(f"No PNG/JPEG samples in {samples}: not a folder.")
+        files = dump_files(samples)
+        if files is None:
+            leftovers = [p.name for p in Path(samples).glob(".tmp-*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+            if leftovers:
+                raise ValueError(
+                    f"{samples} holds temporary files of an interrupted run ({leftovers[:3]}...); run "
+                    "`generate_samples` again to finish the dump (it removes them)."
+                )
+            files = list_images(samples)
+    else:
+        files = [Path(path) for path in samples]
+        missing = [str(path) for path in files if not path.is_file()]
+        if missing:
+            raise ValueError(f"{len(missing)} sample file(s) do not exist, e.g. {missing[0]}.")
+    if not files:
+        raise ValueError(f"No PNG/JPEG samples in {samples}.")
+    return files
+
+
+def compute_metrics(
+    samples: Union[PathOrName, Sequence[PathOrName]],
+    reference=None,
+    feature_extractor: Union[str, Sequence[str], None] = None,
     metrics: Sequence[str] = SUPPORTED_METRICS,
     batch_size: int = 64,
     cuda: Optional[bool] = None,
     reference_resolution: Optional[int] = None,
-    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    cache_dir: Optional[PathOrName] = None,
     kid_subset_size: int = 1000,
     kid_subsets: int = 100,
     isc_splits: int = 10,
@@ -472,26 +377,30 @@ def compute_metrics(
     seed: int = 2020,
     verbose: bool = False,
     reference_kwargs: Optional[Dict[str, Any]] = None,
+    feature_extractor_weights: Optional[Mapping[str, PathOrName]] = None,
     **fidelity_kwargs,
-) -> Dict[str, float]:
-    """Computes torch-fidelity metrics of a folder of samples against a reference.
+) -> Dict[str, Any]:
+    """Computes torch-fidelity metrics of samples against a reference, with one or several feature extractors.
 
-    Everything runs through `torch_fidelity.calculate_metrics`; this function only resolves the reference (see
-    `resolve_reference`), registers the `"dinof-digits"` extractor and adapts the subset sizes to small sample
-    counts: the KID subset size becomes min(kid_subset_size, #samples, #reference), the number of ISC splits at most
-    #samples // 10 (at least 1), the PRC neighbourhood at most min(#samples, #reference) - 1.
+    Everything runs through `torch_fidelity.calculate_metrics`, once per extractor; this function only chooses the
+    files (`samples`), resolves the reference (see `resolve_reference`), registers our extractors and adapts the
+    subset sizes to small sample counts: the KID subset size becomes min(kid_subset_size, #samples, #reference),
+    the number of ISC splits at most #samples // 10 (at least 1), the PRC neighbourhood at most
+    min(#samples, #reference) - 1.
 
     With `feature_extractor="dinof-digits"`, `inception_score_mean` / `_std` is the *classifier-confidence score*
     (the Inception score computed with the digit classifier's logits; in [1, 10]), also returned as
     `classifier_confidence_score_mean` / `_std`, and the FID / KID / PRC are computed on the classifier's 128
-    penultimate features.
+    penultimate features. With a DINOv2 extractor, `frechet_inception_distance` is FD-DINOv2.
 
     Args:
-        samples_dir: folder of generated images (input1; PNG/JPEG, all the same size).
+        samples: the generated images (input1; PNG/JPEG, all the same size): a sample dump's folder (exactly the
+            files its manifest lists: other images there are not scored; an unfinished dump is refused), another
+            folder (its images), or a list of image files.
         reference: the real images (input2; see `resolve_reference`); required for FID, KID and PRC.
-        feature_extractor: `"inception-v3-compat"`, `"dinof-digits"`, `"dinov2-hf-vit-l-14"` (FD-DINOv2; another
-            model id or folder via `feature_extractor_weights_path=...`) or any torch-fidelity registered extractor;
-            default `default_feature_extractor(reference)`.
+        feature_extractor: a name or a list of names: `"inception-v3-compat"`, `"dinof-digits"`,
+            `"dinov2-hf-vit-l-14"` (FD-DINOv2), or any torch-fidelity registered extractor; default
+            `default_feature_extractor(reference)`.
         metrics: a subset of `("fid", "isc", "kid", "prc")`; ISC is computed on the samples.
         batch_size: feature extraction batch size.
         cuda: run the extractor on the GPU; default: when one is available.
@@ -507,42 +416,31 @@ def compute_metrics(
         verbose: torch-fidelity's progress output.
         reference_kwargs: extra keywords for `resolve_reference` (`split`, `config_name`, `image_column`,
             `max_samples`).
+        feature_extractor_weights: extractor name -> its weights (a file, or for DINOv2 a folder or Hub id), given
+            to torch-fidelity as `feature_extractor_weights_path`; default: each extractor's own (the digit
+            classifier from the cache).
         **fidelity_kwargs: further `torch_fidelity.calculate_metrics` keywords; they take precedence.
 
     Returns:
-        torch-fidelity's dict: `frechet_inception_distance`, `inception_score_mean`, `inception_score_std`,
-        `kernel_inception_distance_mean`, `kernel_inception_distance_std`, `precision`, `recall`, `f_score` (those of
-        the requested metrics), plus the classifier-confidence aliases described above.
+        For one extractor (a name or `None`), torch-fidelity's dict: `frechet_inception_distance`,
+        `inception_score_mean`, `inception_score_std`, `kernel_inception_distance_mean`,
+        `kernel_inception_distance_std`, `precision`, `recall`, `f_score` (those of the requested metrics), plus the
+        classifier-confidence aliases described above. For a list of extractors, `{name: that dict}`.
     """
     import torch_fidelity
+    from torch_fidelity.datasets import ImagesPathDataset
 
-    register_digits_feature_extractor()
-    register_dinov2_feature_extractors()
     metrics = tuple(metrics)
-    unknown = sorted(set(metrics) - set(SUPPORTED_METRICS))
-    if unknown or not metrics:
-        raise ValueError(f"`metrics` must be a non-empty subset of {SUPPORTED_METRICS}, got {metrics}.")
-    binary = [metric for metric in metrics if metric != "isc"]
-    if binary and reference is None:
-        raise ValueError(f"The metrics {binary} need a `reference`.")
-    samples = _list_images(samples_dir) if os.path.isdir(samples_dir) else []
-    if not samples:
-        raise ValueError(f"No PNG/JPEG samples in {samples_dir}.")
-    leftovers = [path.name for path in Path(samples_dir).glob(".tmp-*") if path.suffix.lower() in _IMAGE_EXTENSIONS]
-    if leftovers:  # torch-fidelity would count them as samples
-        raise ValueError(
-            f"{samples_dir} holds temporary files of an interrupted run ({leftovers[:3]}...); run `generate_samples` "
-            "again to finish the dump (it removes them)."
-        )
+    names = _extractor_names(feature_extractor, reference)
+    _check_metric_arguments(metrics, reference, names)
+    files = _sample_files(samples)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    feature_extractor = feature_extractor or default_feature_extractor(reference)
     if cuda is None:
         cuda = torch.cuda.is_available()
 
-    num_samples = len(samples)
+    num_samples = len(files)
     kwargs = {
-        "input1": str(samples_dir),
-        "feature_extractor": feature_extractor,
+        "input1": ImagesPathDataset([str(path) for path in files]),
         "batch_size": batch_size,
         "cuda": cuda,
         "isc": "isc" in metrics,
@@ -558,13 +456,15 @@ def compute_metrics(
         # No DataLoader worker processes on the CPU: the images are small and workers cost more than they save.
         "save_cpu_ram": not cuda,
     }
-    if feature_extractor == DIGITS_FEATURE_EXTRACTOR_NAME:
-        kwargs["feature_extractor_weights_path"] = str(default_classifier_path(cache_dir))
     if reference is not None:
-        resolution = reference_resolution or _image_resolution(samples_dir)
-        resolved = resolve_reference(reference, resolution=resolution, cache_dir=cache_dir, **(reference_kwargs or {}))
+        if reference_resolution is None:
+            with Image.open(files[0]) as image:
+                reference_resolution = max(image.size)
+        resolved = resolve_reference(
+            reference, resolution=reference_resolution, cache_dir=cache_dir, **(reference_kwargs or {})
+        )
         kwargs["input2"] = str(resolved)
-        num_reference = len(_list_images(resolved)) if isinstance(resolved, Path) else None
+        num_reference = len(list_images(resolved)) if isinstance(resolved, Path) else None
         smallest = min(num_samples, num_reference) if num_reference is not None else num_samples
         if "kid" in metrics:
             if smallest < 2:
@@ -576,12 +476,22 @@ def compute_metrics(
             kwargs["prc_neighborhood"] = max(1, min(prc_neighborhood, smallest - 1))
         if "fid" in metrics and smallest < 2:
             raise ValueError(f"FID needs at least 2 samples and 2 reference images, got {smallest}.")
-    kwargs.update(fidelity_kwargs)
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch_fidelity")
-        result = dict(torch_fidelity.calculate_metrics(**kwargs))
-    if feature_extractor == DIGITS_FEATURE_EXTRACTOR_NAME and "inception_score_mean" in result:
-        result["classifier_confidence_score_mean"] = result["inception_score_mean"]
-        result["classifier_confidence_score_std"] = result["inception_score_std"]
-    return {key: float(value) for key, value in result.items()}
+    results = {}
+    for name in names:
+        extractor_kwargs = {
+            **kwargs,
+            "feature_extractor": name,
+            **fidelity_kwargs,
+            **_extractor_kwargs(name, feature_extractor_weights, cache_dir, fidelity_kwargs),
+        }
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch_fidelity")
+            result = dict(torch_fidelity.calculate_metrics(**extractor_kwargs))
+        if name == DIGITS_FEATURE_EXTRACTOR_NAME and "inception_score_mean" in result:
+            result["classifier_confidence_score_mean"] = result["inception_score_mean"]
+            result["classifier_confidence_score_std"] = result["inception_score_std"]
+        results[name] = {key: float(value) for key, value in result.items()}
+    if feature_extractor is None or isinstance(feature_extractor, str):
+        return results[names[0]]
+    return results
