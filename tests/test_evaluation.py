@@ -4,8 +4,13 @@ and the `training_scripts/evaluate.py` command line. Everything runs offline on 
 import filecmp
 import importlib.util
 import json
+import logging
 import math
 import os
+import socket
+import subprocess
+import sys
+import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,13 +22,17 @@ from PIL import Image
 from dinof_diffusers.data import digits_images, load_digits_dataset
 from dinof_diffusers.evaluation import (
     DIGITS_FEATURE_EXTRACTOR_NAME,
+    DINOV2_FEATURE_EXTRACTOR_NAME,
+    EvaluationError,
     FeatureExtractorDigits,
     compute_metrics,
     digits_classifier_info,
     digits_reference_folder,
+    dump_files,
     generate_samples,
     load_digits_classifier,
     train_digits_classifier,
+    weights_fingerprint,
 )
 from dinof_diffusers.evaluation.digits_classifier import default_classifier_path, evaluate_digits_classifier
 
@@ -203,6 +212,87 @@ def test_generate_samples_resumes_byte_identically(tmp_path):
         generate_samples(FakePipeline(), tmp_path / "bad", 0)
 
 
+class NaNPipeline(FakePipeline):
+    """A FakePipeline whose output holds a NaN from its `nan_call`-th call on (as a diverged network's would)."""
+
+    def __init__(self, nan_call):
+        super().__init__()
+        self.nan_call = nan_call
+
+    def __call__(self, batch_size, **kwargs):
+        output = super().__call__(batch_size, **kwargs)
+        if self.calls >= self.nan_call:
+            output.images[0, 0, 3, 3] = float("nan")
+        return output
+
+
+def test_resume_remakes_truncated_and_unreadable_pngs(tmp_path):
+    generate_samples(FakePipeline(), tmp_path, 12, batch_size=4, seed=3, show_progress=False)
+    original = {name: (tmp_path / name).read_bytes() for name in ("000001.png", "000009.png")}
+    (tmp_path / "000001.png").write_bytes(original["000001.png"][:40])  # cut by a kill or a full disk
+    (tmp_path / "000009.png").write_bytes(b"not a PNG")
+    pipeline = FakePipeline()
+    resumed = generate_samples(pipeline, tmp_path, 12, batch_size=4, seed=3, show_progress=False)
+    assert pipeline.calls == 2 and resumed["num_generated"] == 8  # batches 0 and 2, nothing else
+    for name, content in original.items():
+        assert (tmp_path / name).read_bytes() == content, name
+
+
+def test_non_finite_samples_are_refused_before_any_png_of_their_batch(tmp_path):
+    pattern = r"Batch 1 \(images 000004.png to 000007.png, seed \d+\): .*non-finite .* in 1 of its 4 images"
+    with pytest.raises(EvaluationError, match=pattern):
+        generate_samples(NaNPipeline(nan_call=2), tmp_path, 12, batch_size=4, seed=3, show_progress=False)
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == [f"{index:06d}.png" for index in range(4)]
+    assert set(json.loads((tmp_path / "generation.json").read_text())["batches"]) == {"0"}
+
+
+def test_a_dump_belongs_to_the_weights_that_made_it(tmp_path, caplog):
+    from trained_pipeline import untrained_tiny_pipeline
+
+    from dinof_diffusers import DiNofPipeline
+
+    first, second = untrained_tiny_pipeline(seed=0), untrained_tiny_pipeline(seed=1)
+    fingerprint = weights_fingerprint(first)
+    assert set(fingerprint) == {"unet", "flow_prior"}
+    assert fingerprint == weights_fingerprint(untrained_tiny_pipeline(seed=0))
+    kwargs = dict(num_samples=4, batch_size=2, seed=0, num_inference_steps=2, show_progress=False)
+    assert generate_samples(first, tmp_path, **kwargs)["weights_fingerprint"] == fingerprint
+
+    with pytest.raises(EvaluationError, match=r"made by other weights \(differing: flow_prior, unet\)"):
+        generate_samples(second, tmp_path, **kwargs)
+    same_flow = DiNofPipeline(unet=second.unet, scheduler=first.scheduler, flow_prior=first.flow_prior)
+    with pytest.raises(EvaluationError, match=r"made by other weights \(differing: unet\)"):
+        generate_samples(same_flow, tmp_path, **kwargs)
+    replaced = generate_samples(second, tmp_path, overwrite=True, **kwargs)
+    assert replaced["num_generated"] == 4 and replaced["weights_fingerprint"] == weights_fingerprint(second)
+
+    # A dump of the previous version (no fingerprint recorded), same arguments: resumed, with a warning.
+    manifest_path = tmp_path / "generation.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["identity"]["weights_fingerprint"]
+    manifest_path.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        assert generate_samples(second, tmp_path, **kwargs)["num_generated"] == 0
+    assert "did not record the weights" in caplog.text
+    assert json.loads(manifest_path.read_text())["identity"]["weights_fingerprint"] == weights_fingerprint(second)
+
+
+def test_only_the_dumps_files_are_scored(tmp_path):
+    dump = generate_samples(FakePipeline(), tmp_path, 30, batch_size=10, seed=1, show_progress=False)
+    strays = [tmp_path / "999999.png", tmp_path / "stray.png"]
+    rng = np.random.RandomState(0)
+    for path in strays:
+        Image.fromarray(rng.randint(0, 256, (16, 16), dtype=np.uint8)).save(path)
+    assert dump_files(tmp_path) == [Path(path) for path in dump["files"]]
+    kwargs = dict(feature_extractor=DIGITS_FEATURE_EXTRACTOR_NAME, metrics=["isc"])
+    from_folder = compute_metrics(tmp_path, **kwargs)
+    assert from_folder == compute_metrics(dump["files"], **kwargs)
+    assert from_folder != compute_metrics(dump["files"] + strays, **kwargs)
+    (tmp_path / "000003.png").unlink()
+    with pytest.raises(EvaluationError, match="unfinished"):
+        compute_metrics(tmp_path, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The command line, end to end on a tiny DiNofPipeline
 # ------------------------------------------------------------------------------------------------------------------
@@ -226,40 +316,63 @@ def test_cli_validates_arguments(tmp_path, capsys):
         (["--sampler", "baseline", "--flow_temperature", "0.7", "--metrics", "isc"], "--flow_temperature"),
         (["--snr", "0", "--reference", "digits"], "--snr"),
         (["--reference", "./does/not/exist"], "--reference"),
-    ]
+        (["--metrics", "isc", "--feature_extractor", "bogus"], "--feature_extractor"),
+        (["--metrics", "isc", "--feature_extractor_weights_path", "./no/such/file"], "--feature_extractor_weights_path"),
+        (
+            ["--metrics", "isc", "--feature_extractor", "dinof-digits", "dinov2-hf-vit-l-14",
+             "--feature_extractor_weights_path", str(tmp_path)],
+            "NAME=PATH",
+        ),
+    ]  # fmt: skip
     for extra, flag in cases:
         with pytest.raises(SystemExit):
             evaluate.parse_args(base + extra)
         assert flag in capsys.readouterr().err
     args = evaluate.parse_args(base + ["--reference", "digits", "--metrics", "fid,isc"])
-    assert args.feature_extractor == DIGITS_FEATURE_EXTRACTOR_NAME and args.metrics == ["fid", "isc"]
+    assert args.feature_extractor == [DIGITS_FEATURE_EXTRACTOR_NAME] and args.metrics == ["fid", "isc"]
+    (tmp_path / "classifier.pt").write_bytes(b"")
+    args = evaluate.parse_args(
+        base + ["--metrics", "isc", "--feature_extractor", "dinof-digits", "dinov2-hf-vit-l-14",
+                "--feature_extractor_weights_path", "dinov2-hf-vit-l-14=facebook/dinov2-small",
+                f"dinof-digits={tmp_path / 'classifier.pt'}"]
+    )  # fmt: skip
+    assert args.feature_extractor_weights == {
+        "dinov2-hf-vit-l-14": "facebook/dinov2-small",
+        "dinof-digits": str(tmp_path / "classifier.pt"),
+    }
 
 
-def test_cli_end_to_end_and_resume(tmp_path, trained_tiny_pipeline_dir):
+def test_cli_end_to_end_and_resume(tmp_path, trained_tiny_pipeline_dir, tiny_dinov2_dir):
     evaluate = _load_evaluate_script()
 
-    def run(output_dir):
+    def run(output_dir, *extra):
         argv = [
             "--pipeline", str(trained_tiny_pipeline_dir), "--output_dir", str(output_dir), "--num_samples", "12",
             "--batch_size", "4", "--seed", "1", "--reference", "digits", "--num_inference_steps", "3",
-            "--snr", "0.1", "--device", "cpu", "--no_progress",
+            "--snr", "0.1", "--device", "cpu", "--no_progress", *extra,
         ]  # fmt: skip
         return evaluate.main(argv)
 
-    report = run(tmp_path / "full")
+    # FID with the digit classifier and FD-DINOv2 (a tiny random DINOv2, offline) from the same samples.
+    report = run(
+        tmp_path / "full",
+        "--feature_extractor", DIGITS_FEATURE_EXTRACTOR_NAME, DINOV2_FEATURE_EXTRACTOR_NAME,
+        "--feature_extractor_weights_path", f"{DINOV2_FEATURE_EXTRACTOR_NAME}={tiny_dinov2_dir}",
+    )  # fmt: skip
     with open(tmp_path / "full" / "metrics.json") as file:
         written = json.load(file)
     assert written["metrics"] == report["metrics"]
-    assert set(report["metrics"]) >= {
-        "frechet_inception_distance",
-        "classifier_confidence_score_mean",
-        "kernel_inception_distance_mean",
-        "precision",
-        "recall",
-    }
-    assert all(math.isfinite(value) for value in report["metrics"].values())
+    assert report["feature_extractors"] == [DIGITS_FEATURE_EXTRACTOR_NAME, DINOV2_FEATURE_EXTRACTOR_NAME]
+    digits, dinov2 = report["metrics"][DIGITS_FEATURE_EXTRACTOR_NAME], report["metrics"][DINOV2_FEATURE_EXTRACTOR_NAME]
+    expected = {"frechet_inception_distance", "kernel_inception_distance_mean", "precision", "recall"}
+    assert set(digits) >= expected | {"classifier_confidence_score_mean"} and set(dinov2) >= expected
+    assert all(math.isfinite(value) for values in (digits, dinov2) for value in values.values())
+    assert digits["frechet_inception_distance"] != dinov2["frechet_inception_distance"]
     # 3 reverse steps, each a corrector and a predictor evaluation.
     assert report["nfe"] == 6 and report["seconds_per_image"] > 0
+    throughput = report["throughput"]
+    assert report["num_processes"] == 1 and throughput["num_images"] == 12
+    assert throughput["nfe_per_second"] == pytest.approx(6 * throughput["images_per_second"])
     assert report["sampler"] == {
         "name": "dinof",
         "use_flow_prior": True,
@@ -268,11 +381,12 @@ def test_cli_end_to_end_and_resume(tmp_path, trained_tiny_pipeline_dir):
     }
     assert report["scheduler"]["config"]["snr"] == 0.1
     assert report["model"]["flow_prior"]["num_levels"] == 2
+    assert set(report["model"]["weights_fingerprint"]) == {"unet", "flow_prior"}
     assert report["digits_classifier"]["held_out_accuracy"] >= 0.97
 
     # Interrupted: a partial dump (files of two batches gone), then the same command again.
     partial = tmp_path / "partial"
-    run(partial)
+    run(partial, "--metrics", "none")
     for name in ("000001.png", "000002.png", "000011.png"):
         (partial / "samples" / name).unlink()
     resumed = run(partial)
@@ -280,7 +394,8 @@ def test_cli_end_to_end_and_resume(tmp_path, trained_tiny_pipeline_dir):
     assert [path.name for path in full_samples] == sorted(path.name for path in (partial / "samples").glob("*.png"))
     for path in full_samples:
         assert filecmp.cmp(path, partial / "samples" / path.name, shallow=False), path.name
-    assert resumed["metrics"] == report["metrics"]
+    assert resumed["metrics"] == {DIGITS_FEATURE_EXTRACTOR_NAME: digits}
+    assert resumed["throughput"]["num_images"] == 8
 
     # The baseline sampler: the full PC sampler from the SDE prior, no flow.
     baseline = evaluate.main(
@@ -289,4 +404,163 @@ def test_cli_end_to_end_and_resume(tmp_path, trained_tiny_pipeline_dir):
          "--metrics", "isc", "--feature_extractor", "dinof-digits", "--device", "cpu", "--no_progress"]
     )  # fmt: skip
     assert baseline["nfe"] == 2 and baseline["sampler"]["use_flow_prior"] is False
-    assert math.isfinite(baseline["metrics"]["classifier_confidence_score_mean"])
+    assert math.isfinite(baseline["metrics"][DIGITS_FEATURE_EXTRACTOR_NAME]["classifier_confidence_score_mean"])
+
+
+class RefusingPipeline:
+    """Fails the test if a sample is drawn."""
+
+    scheduler = None
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("a sample was generated before the metrics' inputs were fetched")
+
+
+def _offline(*args, **kwargs):
+    raise urllib.error.URLError("network unreachable (offline test)")
+
+
+@pytest.mark.parametrize("missing", ["inception_weights", "cifar10", "dinov2_offline"])
+def test_a_reference_or_extractor_that_cannot_be_fetched_fails_before_any_sample(tmp_path, monkeypatch, missing):
+    evaluate = _load_evaluate_script()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # torch-fidelity's downloads: nothing cached
+    if missing == "inception_weights":
+        import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+        monkeypatch.setattr(inception, "load_state_dict_from_url", _offline)
+        flags, named = ["--reference", "cifar10-train", "--feature_extractor", "inception-v3-compat"], "inception"
+    elif missing == "cifar10":
+        import torchvision.datasets.cifar as cifar
+
+        monkeypatch.setattr(cifar, "download_and_extract_archive", _offline)
+        flags, named = ["--reference", "cifar10-train", "--feature_extractor", "dinof-digits"], "cifar10-train"
+    else:
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        flags, named = ["--metrics", "isc", "--feature_extractor", "dinov2-hf-vit-s-14"], "dinov2-hf-vit-s-14"
+    base = ["--pipeline", str(tmp_path), "--output_dir", str(tmp_path / "eval"), "--device", "cpu", "--no_progress"]
+    args = evaluate.parse_args(base + flags)
+    with pytest.raises(EvaluationError, match=f"'{named}.*(could not|cannot) be .*Offline|Run once with network"):
+        evaluate.evaluate(args, RefusingPipeline())
+    assert not (tmp_path / "eval" / "samples").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Several processes (accelerate launch, gloo on the CPU)
+# ------------------------------------------------------------------------------------------------------------------
+
+# Runs evaluate.py's main() and logs, per process, the batches it drew (their generators' seeds) and every scoring.
+LOGGING_LAUNCHER = """
+import importlib.util, json, os, sys
+from accelerate import PartialState
+from dinof_diffusers.pipelines.dinof import DiNofPipeline
+
+spec = importlib.util.spec_from_file_location("evaluate_script", sys.argv[1])
+evaluate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(evaluate)
+log_path = os.path.join(sys.argv[2], f"rank{PartialState().process_index}.jsonl")
+
+def log(**event):
+    with open(log_path, "a") as file:
+        file.write(json.dumps(event) + "\\n")
+
+sample, score = DiNofPipeline.__call__, evaluate.compute_metrics
+
+def logged_sample(self, *args, **kwargs):
+    log(event="batch", seed=kwargs["generator"].initial_seed(), size=kwargs["batch_size"])
+    return sample(self, *args, **kwargs)
+
+def logged_score(*args, **kwargs):
+    log(event="score")
+    return score(*args, **kwargs)
+
+DiNofPipeline.__call__, evaluate.compute_metrics = logged_sample, logged_score
+evaluate.main(sys.argv[3:])
+"""
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_finish_a_killed_dump_identically_each_doing_its_share_and_score_once(
+    tmp_path, trained_tiny_pipeline_dir, monkeypatch
+):
+    from dinof_diffusers import DiNofPipeline
+    from dinof_diffusers.evaluation import batch_seed
+
+    evaluate = _load_evaluate_script()
+    common = [
+        "--pipeline", str(trained_tiny_pipeline_dir), "--num_samples", "14", "--batch_size", "2", "--seed", "4",
+        "--num_inference_steps", "2", "--metrics", "isc", "--feature_extractor", DIGITS_FEATURE_EXTRACTOR_NAME,
+    ]  # fmt: skip
+    one = evaluate.main(common + ["--output_dir", str(tmp_path / "one"), "--device", "cpu", "--no_progress"])
+
+    # One process killed in its fourth batch, and what a kill can leave besides: a half-written temporary file, a
+    # truncated PNG of a finished batch; and a stray image that is not part of the dump.
+    sample, calls = DiNofPipeline.__call__, []
+
+    def killed_in_fourth_batch(self, *args, **kwargs):
+        calls.append(kwargs["batch_size"])
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return sample(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DiNofPipeline, "__call__", killed_in_fourth_batch)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate.main(common + ["--output_dir", str(tmp_path / "two"), "--device", "cpu", "--no_progress"])
+    samples = tmp_path / "two" / "samples"
+    (samples / ".tmp-000007.png-x1").write_bytes(b"half a PNG")
+    (samples / "000002.png").write_bytes((samples / "000002.png").read_bytes()[:30])
+    Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(samples / "stray.png")
+
+    # ... finished by two processes.
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "launcher.py").write_text(LOGGING_LAUNCHER)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(_free_port()), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(tmp_path / "launcher.py"), str(REPO_ROOT / "training_scripts" / "evaluate.py"),
+        str(tmp_path / "logs"), *common, "--output_dir", str(tmp_path / "two"),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_MININTERVAL": "1000",  # the bar is drawn when it opens and when it closes
+    }
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+    # The dump is the one-process dump, byte for byte; the stray image is neither removed nor scored.
+    names = sorted(path.name for path in (tmp_path / "one" / "samples").glob("*.png"))
+    assert sorted(path.name for path in samples.glob("*.png")) == sorted(names + ["stray.png"])
+    for name in names:
+        assert filecmp.cmp(tmp_path / "one" / "samples" / name, samples / name, shallow=False), name
+    assert not list(samples.glob(".tmp-*"))
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["metrics"] == one["metrics"]
+
+    # Batch 1 (truncated PNG) and batches 3 to 6 remained, dealt out round-robin: [1, 3], [4, 5], [6].
+    logs = [
+        [json.loads(line) for line in (tmp_path / "logs" / f"rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    ]
+    seeds = [[event["seed"] for event in log if event["event"] == "batch"] for log in logs]
+    assert seeds == [[batch_seed(4, index) for index in (1, 4, 6)], [batch_seed(4, index) for index in (3, 5)]]
+    batches = json.loads((samples / "generation.json").read_text())["batches"]
+    assert {index: batches[str(index)]["process_index"] for index in (1, 3, 4, 5, 6)} == {1: 0, 3: 1, 4: 0, 5: 1, 6: 0}
+    # Scored once, by the main process; one progress bar, counting both processes' images.
+    assert [event["event"] for event in logs[0] if event["event"] == "score"] == ["score"]
+    assert not [event for event in logs[1] if event["event"] == "score"]
+    assert result.stderr.count("Generating:") == 2 and result.stderr.count("14/14") == 1
+    assert two["num_processes"] == 2 and two["throughput"]["num_images"] == 10
+    assert two["throughput"]["nfe_per_second"] == pytest.approx(two["nfe"] * two["throughput"]["images_per_second"])
