@@ -19,12 +19,14 @@ Result = TypeVar("Result")
 
 
 def process_state(state=None):
-    """`state`, or accelerate's `PartialState()` (the launched process group, or one plain process)."""
+    """`state`, or accelerate's `PartialState` (the launched process group, or one plain process)."""
     if state is not None:
         return state
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    return PartialState()
+    # `accelerate launch --cpu` says so through the environment, which only AcceleratorState reads by itself.
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _describe(error: BaseException) -> str:
