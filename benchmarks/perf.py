@@ -29,6 +29,13 @@ Ratios (one line each, `ratio <name> = <value>`):
   at every call.
 - `flow_train_step_vs_normflows`: one training step (forward NLL of a batch, backward, Adam step) of FlowPriorModel
   over the same step of normflows, from identical weights.
+- `evaluation_two_processes`: the generation throughput (images / s, as `training_scripts/evaluate.py` writes it to
+  `metrics.json`: the sampling alone, without start-up) of `accelerate launch` on 2 CPU processes with one thread
+  each over a plain run (1 process) with one thread, same tiny pipeline (the sampler ratios' UNet and flow), sample
+  count, batch size and steps (ideal 2.0; below it: the per-round gathering of the batches' records, the manifest
+  writes, and processes waiting for each other). The runs alternate (1, 2, 2, 1, ...) and the medians are compared;
+  every run is a fresh subprocess. On a CPU with fewer than 2 free cores the ratio measures the machine, not the
+  code: run it on a quiet machine.
 
 Timings (one line each, `timing <name> = <milliseconds> ms`, no ratio: the published network is not a dependency, its
 comparison is measured once and quoted in the README): `ncsnpp_forward`, `ncsnpp_forward_backward`, the median time
@@ -45,11 +52,15 @@ runs in seconds (the test suite runs it so that it cannot rot). Every size is a 
 
 import argparse
 import copy
+import json
 import math
 import os
 import platform
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -94,6 +105,10 @@ FULL = {
     "ncsnpp_nf": 128,
     "ncsnpp_resolution": 32,
     "ncsnpp_batch": 8,
+    "evaluation_samples": 32,
+    "evaluation_batch": 4,
+    "evaluation_steps": 100,
+    "evaluation_repeats": 3,
 }
 QUICK = {
     **FULL,
@@ -112,6 +127,10 @@ QUICK = {
     "warmup": 1,
     "ncsnpp_nf": 16,
     "ncsnpp_resolution": 16,
+    "evaluation_samples": 4,
+    "evaluation_batch": 2,
+    "evaluation_steps": 4,
+    "evaluation_repeats": 1,
 }
 
 
@@ -533,6 +552,75 @@ def ncsnpp_timings(config: dict, device: torch.device, timings: Dict[str, dict])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The evaluation ratio
+# ---------------------------------------------------------------------------------------------------------------------
+
+EVALUATE_SCRIPT = REPO_ROOT / "training_scripts" / "evaluate.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_evaluation(pipeline_dir: Path, output_dir: Path, num_processes: int, config: dict) -> dict:
+    """evaluate.py on `num_processes` CPU processes of one thread each: a plain `python` run for one, `accelerate
+    launch` (gloo, as the tests) for more; returns its `metrics.json`."""
+    if num_processes == 1:
+        command = [sys.executable, str(EVALUATE_SCRIPT), "--device", "cpu"]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
+        command += ["--num_processes", str(num_processes), "--num_cpu_threads_per_process", "1"]
+        command += ["--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command += [str(EVALUATE_SCRIPT)]
+    command += ["--pipeline", str(pipeline_dir), "--output_dir", str(output_dir), "--metrics", "none"]
+    command += ["--num_samples", str(config["evaluation_samples"]), "--batch_size", str(config["evaluation_batch"])]
+    command += ["--num_inference_steps", str(config["evaluation_steps"]), "--no_progress"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"evaluate.py on {num_processes} process(es) failed:\n{result.stderr[-4000:]}")
+    with open(output_dir / "metrics.json") as file:
+        return json.load(file)
+
+
+def evaluation_ratio(config: dict, results: Dict[str, dict]) -> None:
+    """`evaluation_two_processes`: 2-process over 1-process generation throughput of evaluate.py (CPU)."""
+    pipeline = build_sampler_pipeline(config, torch.device("cpu"))
+    repeats = config["evaluation_repeats"]
+    print(
+        f"evaluation: {config['evaluation_samples']} samples in batches of {config['evaluation_batch']}, "
+        f"{config['evaluation_steps']} steps, 1 and 2 processes of one thread, {repeats} interleaved repeats ...",
+        flush=True,
+    )
+    throughput: Dict[int, List[float]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory(prefix="perf-evaluation-") as workspace:
+        pipeline.save_pretrained(Path(workspace) / "pipeline")
+        for repeat in range(repeats):
+            for num_processes in (1, 2) if repeat % 2 == 0 else (2, 1):
+                output_dir = Path(workspace) / f"eval-{num_processes}-{repeat}"
+                report = launch_evaluation(Path(workspace) / "pipeline", output_dir, num_processes, config)
+                throughput[num_processes].append(report["throughput"]["images_per_second"])
+    one, two = statistics.median(throughput[1]), statistics.median(throughput[2])
+    report_ratio(
+        results,
+        "evaluation_two_processes",
+        two / one,
+        "evaluate.py images / s, 2 processes of one thread over 1; ideal 2.0",
+        images_per_second_1=one,
+        images_per_second_2=two,
+        nfe_per_image=report["nfe"],
+        throughputs={str(key): values for key, values in throughput.items()},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -548,9 +636,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--only",
-        choices=["sampler", "flow", "ncsnpp"],
+        choices=["sampler", "flow", "ncsnpp", "evaluation"],
         default=None,
-        help="Run only the sampler ratios, the flow ratios or the NCSNppModel timings.",
+        help="Run only the sampler ratios, the flow ratios, the NCSNppModel timings or the evaluation ratio.",
     )
     sizes = parser.add_argument_group("sizes (default: the full mode's, or --quick's)")
     for key, value in FULL.items():
@@ -601,6 +689,8 @@ def main(argv=None) -> Dict[str, object]:
     timings: Dict[str, dict] = {}
     if args.only in (None, "ncsnpp"):
         ncsnpp_timings(config, device, timings)
+    if args.only in (None, "evaluation"):
+        evaluation_ratio(config, results)
     if hasattr(os, "getloadavg"):
         env["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     total = time.perf_counter() - start

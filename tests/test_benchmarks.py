@@ -27,6 +27,7 @@ PERF_RATIOS = {
     "flow_log_prob_vs_normflows",
     "flow_sample_vs_normflows",
     "flow_train_step_vs_normflows",
+    "evaluation_two_processes",
 }
 
 
@@ -85,6 +86,8 @@ def test_perf_quick_prints_finite_positive_ratios_and_writes_json(tmp_path):
     timings = dict(re.findall(r"^timing (\w+) = (\S+) ms", result.stdout, re.MULTILINE))
     assert set(timings) == set(report["timings"]) == {"ncsnpp_forward", "ncsnpp_forward_backward"}
     assert all(float(value) > 0 for value in timings.values())
+    evaluation = report["ratios"]["evaluation_two_processes"]
+    assert evaluation["value"] == pytest.approx(evaluation["images_per_second_2"] / evaluation["images_per_second_1"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

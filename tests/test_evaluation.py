@@ -344,11 +344,15 @@ def test_cli_validates_arguments(tmp_path, capsys):
 
 def test_cli_end_to_end_and_resume(tmp_path, trained_tiny_pipeline_dir, tiny_dinov2_dir):
     evaluate = _load_evaluate_script()
+    reference = tmp_path / "reference"  # 100 real digits: DINOv2 resizes every image to 224 x 224
+    reference.mkdir()
+    for index, image in enumerate(digits_images(8)[:100]):
+        Image.fromarray(image).save(reference / f"{index:03d}.png")
 
     def run(output_dir, *extra):
         argv = [
             "--pipeline", str(trained_tiny_pipeline_dir), "--output_dir", str(output_dir), "--num_samples", "12",
-            "--batch_size", "4", "--seed", "1", "--reference", "digits", "--num_inference_steps", "3",
+            "--batch_size", "4", "--seed", "1", "--reference", str(reference), "--num_inference_steps", "3",
             "--snr", "0.1", "--device", "cpu", "--no_progress", *extra,
         ]  # fmt: skip
         return evaluate.main(argv)
@@ -389,7 +393,7 @@ def test_cli_end_to_end_and_resume(tmp_path, trained_tiny_pipeline_dir, tiny_din
     run(partial, "--metrics", "none")
     for name in ("000001.png", "000002.png", "000011.png"):
         (partial / "samples" / name).unlink()
-    resumed = run(partial)
+    resumed = run(partial, "--feature_extractor", DIGITS_FEATURE_EXTRACTOR_NAME)
     full_samples = sorted((tmp_path / "full" / "samples").glob("*.png"))
     assert [path.name for path in full_samples] == sorted(path.name for path in (partial / "samples").glob("*.png"))
     for path in full_samples:
