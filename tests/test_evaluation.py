@@ -340,6 +340,13 @@ def test_cli_validates_arguments(tmp_path, capsys):
         "dinov2-hf-vit-l-14": "facebook/dinov2-small",
         "dinof-digits": str(tmp_path / "classifier.pt"),
     }
+    # The device: --device in a plain run, accelerate's under a multi-process launch (--device is then an error).
+    launched = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    assert evaluate.resolve_device(args, launched) == torch.device("cpu")
+    args.device = "cpu"
+    assert evaluate.resolve_device(args, SimpleNamespace(num_processes=1, device=None)) == torch.device("cpu")
+    with pytest.raises(EvaluationError, match="--device cpu is for plain one-process runs"):
+        evaluate.resolve_device(args, launched)
 
 
 def test_cli_end_to_end_and_resume(tmp_path, trained_tiny_pipeline_dir, tiny_dinov2_dir):

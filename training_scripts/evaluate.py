@@ -19,7 +19,8 @@ same samples, on 8 GPUs (each process makes whole batches; the dump is the same 
         --output_dir eval --num_samples 50000 --reference cifar10-train \
         --feature_extractor inception-v3-compat dinov2-hf-vit-l-14
 
-The reference and the feature extractors' weights are fetched (or found in their caches) before the first sample
+Under `accelerate launch`, each process uses the device accelerate gives it (`--device` is for plain runs). The
+reference and the feature extractors' weights are fetched (or found in their caches) before the first sample
 is generated, so a missing download fails at once. With `--feature_extractor dinof-digits`, "inception_score" is the
 classifier-confidence score: the Inception score computed with the digit classifier's logits. With the published
 `langevin_norm="batch"`, a sample depends on the other samples of its batch, so `--batch_size` is part of the
@@ -121,12 +122,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--corrector", default=None, choices=CORRECTORS, help="Scheduler config override.")
     parser.add_argument("--predictor", default=None, choices=PREDICTORS, help="Scheduler config override.")
     parser.add_argument("--correct_steps", type=int, default=None, help="Corrector steps per reverse step.")
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="Device of a plain (one-process) run; default cuda when available. Under `accelerate launch` each "
-        "process uses the device accelerate gives it.",
-    )
+    parser.add_argument("--device", default=None, help="Plain runs only (default cuda if available); see above.")
     parser.add_argument("--cache_dir", default=None, help="Cache of references and the digit classifier.")
     parser.add_argument(
         "--overwrite",
