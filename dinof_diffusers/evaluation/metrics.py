@@ -280,7 +280,7 @@ def prepare_metrics(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cuda = torch.cuda.is_available() if cuda is None else cuda
     resolved = None
-    if reference is not None:
+    if reference is not None and set(metrics) != {"isc"}:  # ISC is computed on the samples alone
         try:
             resolved = resolve_reference(
                 reference, resolution=reference_resolution, cache_dir=cache_dir, **(reference_kwargs or {})
@@ -456,7 +456,7 @@ def compute_metrics(
         # No DataLoader worker processes on the CPU: the images are small and workers cost more than they save.
         "save_cpu_ram": not cuda,
     }
-    if reference is not None:
+    if reference is not None and set(metrics) != {"isc"}:  # torch-fidelity would extract its features regardless
         if reference_resolution is None:
             with Image.open(files[0]) as image:
                 reference_resolution = max(image.size)
