@@ -323,8 +323,8 @@ def prepare_metrics(
             except Exception as error:
                 raise EvaluationError(
                     f"The features of the reference {resolved!r} for {name!r} are not in the cache "
-                    f"({fidelity_cache}) and could not be computed, because the data set could not be fetched "
-                    f"({type(error).__name__}: {error}). Run once with network access, or copy the caches."
+                    f"({fidelity_cache}) and computing them failed ({type(error).__name__}: {error}). If the data "
+                    "set could not be downloaded: run once with network access, or copy the caches."
                 ) from error
         del extractor
 
