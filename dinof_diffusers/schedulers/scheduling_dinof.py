@@ -2,7 +2,7 @@
 """The DiNof predictor-corrector scheduler (score SDEs of Song et al. 2021, sampled from t* = flow_start * T).
 
 The mathematics is in docs/DESIGN.md ("The SDEs", "Reverse steps"); every SDE quantity (marginal, drift, diffusion,
-per-step discretisation) is computed by exactly one of the private `_SDE` classes below, and every public method of
+per-step discretisation) is computed by exactly one of the SDE classes of `sde.py`, and every public method of
 `DiNofScheduler` goes through them.
 
 Time convention: every public time is the continuous t in [0, T] with T = 1, for continuous and discrete models alike.
@@ -10,7 +10,6 @@ The discrete index of a time is i(t) = floor(t * (N - 1) / T) (docs/DESIGN.md, "
 """
 
 import math
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -21,12 +20,17 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..validation import check_choice, check_int, check_number, check_positive_int
+from .sde import VESDE, VPSDE, SubVPSDE
 
 SDE_TYPES = ("ve", "vp", "subvp")
 PREDICTION_TYPES = ("score", "epsilon")
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
 CORRECTORS = ("langevin", "ald", "none")
 LANGEVIN_NORMS = ("batch", "sample")
+# What `model_timestep` feeds the network of a discrete model (continuous ones: the same under both; docs/DESIGN.md,
+# "Network conditioning"): "diffusers" (UNet2DModel: sigma_i / the index i) or "score_sde" (the published get_score_fn:
+# the SMLD label N - 1 - i / the float t (N - 1); NCSNppModel).
+MODEL_CONDITIONINGS = ("diffusers", "score_sde")
 DEFAULT_SAMPLING_EPS = {"ve": 1e-5, "vp": 1e-3, "subvp": 1e-3}
 
 # Continuous "epsilon"/VP-style models are conditioned on 999 * t whatever N is (Song et al. hard-code 999), so that
@@ -53,191 +57,6 @@ class DiNofSchedulerOutput(BaseOutput):
 
     prev_sample: Optional[torch.Tensor] = None
     prev_sample_mean: Optional[torch.Tensor] = None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# SDEs: the one place where the SDE quantities are computed. All inputs and outputs are float64 CPU tensors of shape
-# (B,): times t in [0, T], chain indices i in [0, N - 1] and j in [-1, N - 2] (-1 stands for the data, x_{-1} = x(0)).
-# Every SDE has the linear drift f(x, t) = drift_coeff(t) * x.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class _SDE(ABC):
-    """A forward SDE dx = f(x, t) dt + g(t) dw on [0, T] and its N-step discretisation.
-
-    `step_transition(t, i, j)` returns (a, var) of the forward transition from chain index j to chain index i,
-    x_i = a * x_j + sqrt(var) * z. The default is the Euler discretisation of the SDE over
-    dt = (i - j) / N, i.e. f_i = f(x, t) / N, G_i = g(t) / sqrt(N) for one index; VE and VP override it with their
-    exact discrete chains (SMLD and DDPM).
-    """
-
-    prior_std = 1.0
-
-    def __init__(self, num_train_timesteps: int, T: float = 1.0):
-        self.N = num_train_timesteps
-        self.T = T
-
-    # continuous SDE
-    @abstractmethod
-    def marginal_mean_std(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """See the subclasses."""
-
-    @abstractmethod
-    def drift_coeff(self, t: torch.Tensor) -> torch.Tensor:
-        """See the subclasses."""
-
-    @abstractmethod
-    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
-        """See the subclasses."""
-
-    # discrete chain
-    @abstractmethod
-    def chain_mean_std(self, i: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """See the subclasses."""
-
-    def step_dt(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """The time a step over the chain indices (j, i] advances: (i - j) / N, 1 / N for one index."""
-        return (i - j).double() * self.T / self.N
-
-    def step_transition(self, t: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        dt = self.step_dt(i, j)
-        return 1.0 + self.drift_coeff(t) * dt, self.diffusion(t) ** 2 * dt
-
-    @abstractmethod
-    def ancestral_std(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """See the subclasses."""
-
-    def langevin_alpha(self, i: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(i, dtype=torch.float64)
-
-    # noise levels of the probability-flow ODE's time grids
-    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
-        """EDM's sigma(t) = std(t) / mean_coeff(t) (Karras et al. 2022): sigma(t) for VE; increasing in t."""
-        mean, std = self.marginal_mean_std(t)
-        return std / mean
-
-    def time_at_noise_level(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The t in [0, T] with noise_level(t) = sigma (clipped to the ends), by bisection to float64 resolution."""
-        low, high = torch.zeros_like(sigma), torch.full_like(sigma, self.T)
-        for _ in range(64):  # 2^-64 T is below float64's resolution of t
-            middle = 0.5 * (low + high)
-            above = self.noise_level(middle) > sigma
-            low, high = torch.where(above, low, middle), torch.where(above, middle, high)
-        return 0.5 * (low + high)
-
-
-class _VESDE(_SDE):
-    """Variance exploding SDE; its chain is SMLD's with sigma_i = exp(linspace(ln sigma_min, ln sigma_max, N))."""
-
-    def __init__(self, num_train_timesteps: int, sigma_min: float, sigma_max: float, T: float = 1.0):
-        super().__init__(num_train_timesteps, T)
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
-        self.prior_std = sigma_max
-        self.discrete_sigmas = torch.exp(
-            torch.linspace(math.log(sigma_min), math.log(sigma_max), num_train_timesteps, dtype=torch.float64)
-        )
-
-    def _sigma(self, t):
-        return self.sigma_min * (self.sigma_max / self.sigma_min) ** (t / self.T)
-
-    def _chain_sigma(self, i):  # sigma_{-1} = 0
-        return torch.where(i >= 0, self.discrete_sigmas[i.clamp(min=0)], torch.zeros((), dtype=torch.float64))
-
-    def marginal_mean_std(self, t):
-        return torch.ones_like(t), self._sigma(t)
-
-    def drift_coeff(self, t):
-        return torch.zeros_like(t)
-
-    def diffusion(self, t):
-        return self._sigma(t) * math.sqrt(2.0 * math.log(self.sigma_max / self.sigma_min) / self.T)
-
-    def chain_mean_std(self, i):
-        return torch.ones_like(i, dtype=torch.float64), self._chain_sigma(i)
-
-    def step_transition(self, t, i, j):
-        return torch.ones_like(t), self._chain_sigma(i) ** 2 - self._chain_sigma(j) ** 2
-
-    def ancestral_std(self, i, j):
-        sigma_i, sigma_j = self._chain_sigma(i), self._chain_sigma(j)
-        return torch.sqrt(sigma_j**2 * (sigma_i**2 - sigma_j**2) / sigma_i**2)
-
-
-class _LinearBetaSDE(_SDE):
-    """What VP and sub-VP share: beta(t) = beta_min + t (beta_max - beta_min) / T, the drift -beta(t) x / 2 and its
-    mean coefficient, and DDPM's discrete beta_i = linspace(beta_min / N, beta_max / N, N), whose alpha_i = 1 - beta_i
-    the Langevin corrector uses."""
-
-    def __init__(self, num_train_timesteps: int, beta_min: float, beta_max: float, T: float = 1.0):
-        super().__init__(num_train_timesteps, T)
-        self.beta_min = beta_min
-        self.beta_max = beta_max
-        N = num_train_timesteps
-        self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N, dtype=torch.float64)
-        self.alphas = 1.0 - self.discrete_betas
-
-    def _beta(self, t):
-        return self.beta_min + t / self.T * (self.beta_max - self.beta_min)
-
-    def _log_mean_coeff(self, t):
-        t = t / self.T
-        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-
-    def drift_coeff(self, t):
-        return -0.5 * self._beta(t)
-
-    def langevin_alpha(self, i):
-        return self.alphas[i]
-
-
-class _VPSDE(_LinearBetaSDE):
-    """Variance preserving SDE; its chain is DDPM's."""
-
-    def __init__(self, num_train_timesteps: int, beta_min: float, beta_max: float, T: float = 1.0):
-        super().__init__(num_train_timesteps, beta_min, beta_max, T)
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-
-    def _chain_alphas_cumprod(self, i):  # alphabar_{-1} = 1
-        return torch.where(i >= 0, self.alphas_cumprod[i.clamp(min=0)], torch.ones((), dtype=torch.float64))
-
-    def marginal_mean_std(self, t):
-        log_mean = self._log_mean_coeff(t)
-        return torch.exp(log_mean), torch.sqrt(1.0 - torch.exp(2.0 * log_mean))
-
-    def diffusion(self, t):
-        return torch.sqrt(self._beta(t))
-
-    def chain_mean_std(self, i):
-        alphas_cumprod = self._chain_alphas_cumprod(i)
-        return torch.sqrt(alphas_cumprod), torch.sqrt(1.0 - alphas_cumprod)
-
-    def step_transition(self, t, i, j):
-        # alpha over the indices j + 1 ... i; for i = j + 1 this is alpha_i (to float64 rounding).
-        alpha = self._chain_alphas_cumprod(i) / self._chain_alphas_cumprod(j)
-        return torch.sqrt(alpha), 1.0 - alpha
-
-    def ancestral_std(self, i, j):
-        return torch.sqrt(self.step_transition(None, i, j)[1])
-
-
-class _SubVPSDE(_LinearBetaSDE):
-    """Sub-VP SDE: VP's drift, a smaller diffusion; no discrete chain of its own (the Euler steps of `_SDE`)."""
-
-    def marginal_mean_std(self, t):
-        log_mean = self._log_mean_coeff(t)
-        return torch.exp(log_mean), 1.0 - torch.exp(2.0 * log_mean)
-
-    def diffusion(self, t):
-        s = t / self.T
-        discount = 1.0 - torch.exp(-2.0 * self.beta_min * s - (self.beta_max - self.beta_min) * s**2)
-        return torch.sqrt(self._beta(t) * discount)
-
-    def chain_mean_std(self, i):
-        raise ValueError("`continuous=False` is not defined for sde_type='subvp'.")
-
-    def ancestral_std(self, i, j):
-        raise ValueError("`predictor='ancestral'` is not defined for sde_type='subvp'.")
 
 
 def _rand_uniform(batch_size, generator, device):
@@ -287,11 +106,14 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         langevin_norm (`str`, defaults to `"batch"`): how the Langevin step size averages norms. `"batch"` (published):
             step = 2 a (snr * mean_b ||z_b|| / mean_b ||grad_b||)^2, shared by the batch, so a sample depends on the
             rest of its batch; `"sample"`: per-sample norms, so every sample is independent of its batch.
+        model_conditioning (`str`, defaults to `"diffusers"`): what `model_timestep` feeds a discrete model's network.
+            `"diffusers"` (UNet2DModel, the google/* checkpoints): SMLD sigma_i, DDPM the index i (long);
+            `"score_sde"` (NCSNppModel, the published `get_score_fn`): SMLD the label N - 1 - i (long; label 0 is
+            sigma_max), DDPM t (N - 1) (float). Continuous models get sigma(t) (VE score models) or 999 t under both.
 
-    The published configurations: CIFAR-10 NCSN++ (`sde_type="ve"`, `prediction_type="score"`,
-    `predictor="reverse_diffusion"`, `corrector="langevin"`, `snr=0.16`), DDPM++ (`sde_type="vp"` or `"subvp"`,
-    `prediction_type="epsilon"`, same sampler), CelebA-HQ-256 (`sigma_max=348`, `snr=0.17`); all with `flow_start=0.6`,
-    `correct_steps=1`, `langevin_norm="batch"`.
+    The seven published DiNof configurations are `DINOF_PUBLISHED_SCHEDULER_CONFIGS` (`published_configs.py`): NCSN++
+    VE with reverse diffusion and one Langevin step (snr 0.16, CelebA-HQ-256 0.17 with sigma_max 348), DDPM++ VP and
+    sub-VP with Euler-Maruyama and no corrector (discrete VP: ancestral), all with `flow_start=0.6`.
     """
 
     _compatibles = []
@@ -315,12 +137,14 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         correct_steps: int = 1,
         flow_start: float = 0.6,
         langevin_norm: str = "batch",
+        model_conditioning: str = "diffusers",
     ):
         check_choice(sde_type, "sde_type", SDE_TYPES)
         check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
         check_choice(predictor, "predictor", PREDICTORS)
         check_choice(corrector, "corrector", CORRECTORS)
         check_choice(langevin_norm, "langevin_norm", LANGEVIN_NORMS)
+        check_choice(model_conditioning, "model_conditioning", MODEL_CONDITIONINGS)
         check_int(num_train_timesteps, "num_train_timesteps", minimum=2)
         check_number(snr, "snr", minimum=0.0, exclusive_minimum=True)
         check_int(correct_steps, "correct_steps", minimum=0)
@@ -357,11 +181,11 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
             )
 
         if sde_type == "ve":
-            self._sde = _VESDE(num_train_timesteps, sigma_min, sigma_max, self.T)
+            self._sde = VESDE(num_train_timesteps, sigma_min, sigma_max, self.T)
         elif sde_type == "vp":
-            self._sde = _VPSDE(num_train_timesteps, beta_min, beta_max, self.T)
+            self._sde = VPSDE(num_train_timesteps, beta_min, beta_max, self.T)
         else:
-            self._sde = _SubVPSDE(num_train_timesteps, beta_min, beta_max, self.T)
+            self._sde = SubVPSDE(num_train_timesteps, beta_min, beta_max, self.T)
 
         # standard deviation of the SDE prior at T (diffusers' name for it)
         self.init_noise_sigma = self._sde.prior_std
@@ -544,12 +368,16 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         return noisy.to(x.dtype)
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """What the network is conditioned on at time t.
+        """What the network is conditioned on at time t (docs/DESIGN.md, "Network conditioning").
 
-        - VE "score" models: the marginal std, sigma(t) (continuous) or sigma_i(t) (discrete). This is what
-          `UNet2DModel(time_embedding_type="fourier")` expects (google/ncsnpp-*): it embeds log(timestep) and divides
-          its output by the timestep, so its output is a score.
-        - otherwise, continuous models: 999 t (float32); discrete models: the index i(t) (long), as DDPM checkpoints.
+        - continuous models: VE "score" models sigma(t), the marginal std (what `UNet2DModel(
+          time_embedding_type="fourier")` and NCSN++ expect: they embed log(timestep) and divide their output by it);
+          otherwise 999 t (float32).
+        - discrete models, `model_conditioning="diffusers"`: VE "score" models sigma_i(t) (float32), otherwise the
+          index i(t) (long), as the google/ddpm-* checkpoints.
+        - discrete models, `model_conditioning="score_sde"` (NCSNppModel, the published `get_score_fn`): SMLD the
+          label N - 1 - i(t) (long), which indexes the network's descending noise levels at sigma_i(t) (the published
+          round((T - t)(N - 1)) on every grid point); DDPM t (N - 1) (float32), whose floor is i(t).
 
         Args:
             t (`torch.Tensor` of shape `(B,)` or `()`, or `float`): times in [0, T].
@@ -560,9 +388,14 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         t = torch.as_tensor(t)
         device = t.device
         t64, index, _ = self._resolve(t, name="t")
-        if self.config.sde_type == "ve" and self.config.prediction_type == "score":
+        config = self.config
+        if not config.continuous and config.model_conditioning == "score_sde":
+            if config.sde_type == "ve":
+                return (config.num_train_timesteps - 1 - index).to(device)
+            return (t64 * (config.num_train_timesteps - 1) / self.T).to(device=device, dtype=torch.float32)
+        if config.sde_type == "ve" and config.prediction_type == "score":
             return self._mean_std64(t64, index)[1].to(device=device, dtype=torch.float32)
-        if self.config.continuous:
+        if config.continuous:
             return (CONTINUOUS_LABEL_SCALE * t64).to(device=device, dtype=torch.float32)
         return index.to(device)
 
@@ -674,8 +507,9 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         """Training times: the network only ever needs noise levels up to t*.
 
         Continuous models: t = U(eps, T) * flow_start (docs/DESIGN.md, "Training"). Discrete models: an index i uniform on
-        {0, ..., int(N * flow_start) - 1}, returned as the time (i + 1/2) / (N - 1) (capped at T), whose i(t) is i
-        robustly even after float32 rounding.
+        {0, ..., int(N * flow_start) - 1}, returned as the float32 time nearest above i T / (N - 1) whose i(t) is i, so
+        that the DDPM label t (N - 1) of `model_conditioning="score_sde"` is the integer i (to 1e-4) that the
+        published DDPM loss feeds the network.
 
         Args:
             batch_size (`int`): B.
@@ -689,8 +523,11 @@ class DiNofScheduler(SchedulerMixin, ConfigMixin):
         if self.config.continuous:
             t = (self.sampling_eps + (self.T - self.sampling_eps) * u) * self.config.flow_start
         else:
-            index = torch.floor(u * self.num_flow_steps).clamp(max=self.num_flow_steps - 1)
-            t = ((index + 0.5) * self.T / (self.config.num_train_timesteps - 1)).clamp(max=self.T)
+            index = torch.floor(u * self.num_flow_steps).clamp(max=self.num_flow_steps - 1).long()
+            t = (index * self.T / (self.config.num_train_timesteps - 1)).float()
+            # float32 rounding may land just below i T / (N - 1), whose index is i - 1: one float32 step up fixes it
+            below = self._index_of(t.double()) < index
+            t = torch.where(below, torch.nextafter(t, torch.full_like(t, 2.0 * self.T)), t)
         return t.to(device=device, dtype=torch.float32)
 
     def prior_sample(
