@@ -48,6 +48,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dinof-convert-flow=dinof_diffusers.conversion.flow:main",
+            "dinof-convert-checkpoint=dinof_diffusers.conversion.checkpoint:main",
         ],
     },
 )

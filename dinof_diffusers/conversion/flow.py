@@ -100,23 +100,28 @@ def flow_state_dict_from_checkpoint(checkpoint, key: Optional[str] = None) -> Tu
     return path, dict(state_dict)
 
 
-def apply_ema(state_dict: Mapping, ema_state) -> Dict[str, torch.Tensor]:
-    """Replaces the parameters of a published flow state dict by the EMA's shadow parameters.
+def apply_ema(state_dict: Mapping, ema_state, parameter_keys: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
+    """Replaces the parameters of a published state dict by the EMA's shadow parameters.
 
     Args:
-        state_dict: the flow's state dict (normflows layout).
-        ema_state: the EMA's state dict, `{"decay", "num_updates", "shadow_params": [...]}`, shadow parameters in
-            `flow.parameters()` order, which is the state dict order without the buffers (`P`, `sign_S`, `eye`,
-            `data_dep_init_done`).
+        state_dict: the network's state dict (published layout, without a `module.` prefix).
+        ema_state: the EMA's state dict (Song et al.'s `ExponentialMovingAverage`), `{"decay", "num_updates",
+            "shadow_params": [...]}`, the shadow parameters in the published `model.parameters()` order over the
+            parameters that require grad.
+        parameter_keys (`List[str]`, *optional*): the state-dict keys of those parameters, in that order. Default:
+            the flow's, its state dict order without the buffers (`P`, `sign_S`, `eye`, `data_dep_init_done`).
     """
     shadow = ema_state.get("shadow_params") if isinstance(ema_state, Mapping) else None
     if not isinstance(shadow, (list, tuple)):
         raise ValueError("The EMA entry has no `shadow_params` list.")
     state_dict = dict(state_dict)
-    param_keys = [k for k in state_dict if k.rsplit(".", 1)[-1] not in BUFFER_NAMES]
+    param_keys = parameter_keys
+    if param_keys is None:
+        param_keys = [k for k in state_dict if k.rsplit(".", 1)[-1] not in BUFFER_NAMES]
     if len(shadow) != len(param_keys):
         raise ValueError(
-            f"The EMA has {len(shadow)} shadow parameters, but the flow state dict has {len(param_keys)} parameters."
+            f"The EMA has {len(shadow)} shadow parameters, but the state dict has {len(param_keys)} parameters that "
+            "it averages."
         )
     for key, value in zip(param_keys, shadow):
         if not isinstance(value, torch.Tensor) or value.shape != state_dict[key].shape:
@@ -128,8 +133,9 @@ def apply_ema(state_dict: Mapping, ema_state) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
-def load_checkpoint(path: str):
-    """`torch.load(path, map_location="cpu", weights_only=True)` with clear errors."""
+def load_checkpoint(path: str, entries: str = "['model_1']"):
+    """`torch.load(path, map_location="cpu", weights_only=True)` with clear errors; `entries` is the part of the
+    checkpoint that the error message suggests re-saving on its own."""
     if not os.path.isfile(path):
         raise ValueError(f"`checkpoint` {path!r} is not a file.")
     damaged = (
@@ -145,8 +151,8 @@ def load_checkpoint(path: str):
             raise ValueError(f"{damaged}. Details: {error}") from error
         raise ValueError(
             f"{path!r} cannot be loaded with torch.load(weights_only=True) (it pickles more than tensors and plain "
-            "containers). Re-save just the flow: torch.save(torch.load(path, weights_only=False)['model_1'], "
-            f"'flow.pth'), in an environment you trust. Details: {error}"
+            f"containers). Re-save just the weights: torch.save(torch.load(path, weights_only=False){entries}, "
+            f"'weights.pth'), in an environment you trust. Details: {error}"
         ) from error
 
 
@@ -176,11 +182,35 @@ def convert_checkpoint(
         `(model, info)`, info a dict with `state_dict_key`, `weights` ("ema" or "raw").
     """
     check_choice(weights, "weights", WEIGHTS)
+    check_output_dir(output_dir, overwrite)
+    model, info = convert_flow(load_checkpoint(checkpoint_path), key, weights, ema_key, torch_dtype, **config)
+    if output_dir is not None:
+        save_pretrained_atomically(model, output_dir, overwrite=overwrite)
+    return model, info
+
+
+def check_output_dir(output_dir: Optional[str], overwrite: bool) -> None:
+    """Raises a `ValueError` before any work if `output_dir` would not be written (a file, or not empty)."""
     if output_dir is not None and not overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
         raise ValueError(f"`output_dir` {output_dir!r} exists and is not empty (pass overwrite / --overwrite).")
     if output_dir is not None and os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"`output_dir` {output_dir!r} exists and is not a folder.")
-    checkpoint = load_checkpoint(checkpoint_path)
+
+
+def convert_flow(
+    checkpoint,
+    key: Optional[str] = None,
+    weights: str = "auto",
+    ema_key: str = "ema_1",
+    torch_dtype: torch.dtype = torch.float32,
+    **config,
+):
+    """The flow of a loaded checkpoint (what `torch.load` returned) as a `FlowPriorModel`; see `convert_checkpoint`.
+
+    Returns:
+        `(model, info)`, info a dict with `state_dict_key`, `weights` ("ema" or "raw").
+    """
+    check_choice(weights, "weights", WEIGHTS)
     path, state_dict = flow_state_dict_from_checkpoint(checkpoint, key)
     state_dict = strip_module_prefix(state_dict)
     check_original_state_dict(state_dict, **config)  # before the EMA, whose errors would be less clear
@@ -196,13 +226,11 @@ def convert_checkpoint(
             state_dict = apply_ema(state_dict, ema_state)
             used = "ema"
     model = FlowPriorModel.from_original_state_dict(state_dict, torch_dtype=torch_dtype, **config)
-    if output_dir is not None:
-        save_pretrained_atomically(model, output_dir, overwrite=overwrite)
     return model, {"state_dict_key": path, "weights": used}
 
 
 def save_pretrained_atomically(model, output_dir: str, overwrite: bool = False) -> None:
-    """`model.save_pretrained` into a temporary sibling folder, then renamed to `output_dir`."""
+    """`model.save_pretrained` (a model or a pipeline) into a temporary sibling folder, then renamed to `output_dir`."""
     try:
         with atomic_folder_path(output_dir, if_exists="replace" if overwrite else "raise") as temporary_path:
             model.save_pretrained(temporary_path, safe_serialization=True)
@@ -210,7 +238,7 @@ def save_pretrained_atomically(model, output_dir: str, overwrite: bool = False) 
         raise ValueError(f"`output_dir` {os.path.abspath(output_dir)!r} exists and is not empty.") from None
 
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("in_channels", "num_levels", "flow_depth", "hidden_channels"):
         parser.add_argument(f"--{name}", type=int, default=None, help="checked against the checkpoint if given")
     parser.add_argument("--coupling", choices=COUPLING_TYPES, default=None)
-    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     return parser
 
@@ -258,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             key=args.key,
             weights=args.weights,
             ema_key=args.ema_key,
-            torch_dtype=_DTYPES[args.dtype],
+            torch_dtype=DTYPES[args.dtype],
             overwrite=args.overwrite,
             **config,
         )

@@ -129,6 +129,10 @@ class NCSNppModel(ModelMixin, ConfigMixin):
             published values "GroupNorm", "swish", "ddpm" and 3.
     """
 
+    # The `DiNofScheduler.model_conditioning` whose labels this network takes (the published ones; DiNofPipeline
+    # checks it for discrete models).
+    model_conditioning = "score_sde"
+
     @register_to_config
     def __init__(
         self,

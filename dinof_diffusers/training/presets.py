@@ -1,18 +1,44 @@
-"""Training presets: the published DiNof / score-SDE configurations, as close as `UNet2DModel` can express them.
+"""Training presets: the seven published DiNof configurations, their UNet2DModel approximations and two small ones.
 
-A preset bundles everything `training_scripts/train.py` needs to reproduce a configuration: the `UNet2DModel`
-config, the matching `DiNofScheduler` settings, the flow prior's size and the optimisation settings (EMA decay, batch
-size, loss reduction, learning rate and warm-up). Command-line flags override the individual values.
+A preset bundles everything `training_scripts/train.py` needs to reproduce a configuration: the score network (its
+class and config), the matching `DiNofScheduler` settings, the flow prior's size and the optimisation settings (EMA
+decay, batch size, loss reduction, learning rate and warm-up). Command-line flags override the individual values.
 
-The score networks of Song et al. (2021) are NCSN++ and DDPM++, written for their own code base. diffusers'
-`UNet2DModel` covers the same family (the google/ncsnpp-* and google/ddpm-* checkpoints are converted into it), but
-not every option; each preset lists its differences from the original in `differences`.
+The seven published configs build `NCSNppModel`, the published NCSN++ / DDPM++ network, with the options of
+`NCSNPP_PUBLISHED_CONFIGS` and the sampler of `DINOF_PUBLISHED_SCHEDULER_CONFIGS` (both read from MohsenZand/DiNof
+`configs/`); the parameter counts are the published networks' (RGB, at the published resolution):
+
+| preset | SDE, training | sampler | parameters | EMA | loss |
+|---|---|---|---:|---|---|
+| `ncsnpp-cifar10-ve` | VE, continuous | reverse diffusion + Langevin (snr 0.16) | 62,758,915 | 0.999 | sum |
+| `ncsnpp-deep-cifar10-ve` | VE, continuous | reverse diffusion + Langevin (snr 0.16) | 107,587,075 | 0.999 | sum |
+| `ncsnpp-cifar10-ve-discrete` | VE, SMLD | reverse diffusion + Langevin (snr 0.16) | 62,693,251 | 0.999 | sum |
+| `ddpmpp-cifar10-vp` | VP, continuous | Euler-Maruyama, no corrector | 61,804,419 | 0.9999 | mean |
+| `ddpmpp-cifar10-vp-discrete` | VP, DDPM | ancestral, no corrector | 61,804,419 | 0.9999 | mean |
+| `ddpmpp-cifar10-subvp` | sub-VP, continuous | Euler-Maruyama, no corrector | 61,804,419 | 0.9999 | mean |
+| `ncsnpp-celebahq256-ve` | VE, continuous, sigma_max 348 | reverse diffusion + Langevin (snr 0.17) | 65,574,549 | 0.999 | sum |
+
+(NCSN++ VE counts include the 128 fixed Fourier frequencies, which are not trained.) All: N = 1000, t* = 0.6 T, the
+published Glow (3 levels of 16 steps, width 256), Adam 2e-4 with 5000 warm-up steps, `train_batch_size` 128. The
+paper says one Langevin step for every run; the VP, sub-VP and DDPM configs have no corrector, and the configs, which
+produced the published numbers, win. `train_batch_size` is per process, as train.py applies it: the published 128
+ran on one device, so on k processes pass `--train_batch_size 128 / k` for the published total.
+
+`<name>-unet2d` (four of them) are the same configurations with diffusers' `UNet2DModel` instead, as close as it can
+express the network (`differences` lists what it cannot); they were the meaning of the names without the suffix up to
+v0.1. `ncsnpp-tiny` (NCSNppModel) and `tiny` (UNet2DModel) are small VE score networks for CPU runs and tests.
 """
 
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
+
+from ..models.ncsnpp_configs import NCSNPP_PUBLISHED_CONFIGS, NCSNPP_PUBLISHED_PARAMETER_COUNTS
+from ..schedulers.published_configs import DINOF_PUBLISHED_SCHEDULER_CONFIGS
+
+# The score-network classes a preset or a --unet_config JSON file may name (`_class_name`).
+UNET_CLASS_NAMES = ("UNet2DModel", "NCSNppModel")
 
 # Options shared by every NCSN++ preset, as in the google/ncsnpp-* checkpoints of diffusers: Gaussian Fourier
 # time features of log(sigma) (scale 16), the output divided by sigma (a score model), GroupNorm with
@@ -69,18 +95,20 @@ class TrainingPreset:
 
     Args:
         name (`str`): the name `--unet_config` takes.
-        description (`str`): one line on what the preset reproduces.
+        description (`str`): one line on what the preset reproduces (with the network's parameter count).
         resolution (`int`): the image side length the configuration was published at.
-        unet_config (`Dict[str, Any]`): keyword arguments of `UNet2DModel` (without `sample_size`, which the
-            training script sets from `--resolution`).
+        unet_config (`Dict[str, Any]`): keyword arguments of the score network (`sample_size` and the channels are
+            set by the training script from `--resolution` and the data).
         scheduler_config (`Dict[str, Any]`): keyword arguments of `DiNofScheduler`.
         flow_config (`Dict[str, Any]`): keyword arguments of `FlowPriorModel` (without `sample_size` / `in_channels`).
         ema_decay (`float`): EMA decay of the trained networks.
-        train_batch_size (`int`): batch size (all processes together, as published).
+        train_batch_size (`int`): batch size per process (the published value is that of one device).
         loss_reduction (`str`): "sum" (0.5 * sum over dimensions, Song et al.'s `reduce_mean=False`) or "mean".
         learning_rate (`float`): Adam learning rate.
         lr_warmup_steps (`int`): linear warm-up steps of the learning rate.
-        differences (`str`): how the UNet differs from the original network.
+        unet_class (`str`): "NCSNppModel" or "UNet2DModel".
+        differences (`str`): how the network differs from the published one (empty for NCSNppModel).
+        reference (`str`): the published config file.
     """
 
     name: str
@@ -94,6 +122,7 @@ class TrainingPreset:
     loss_reduction: str
     learning_rate: float = 2e-4
     lr_warmup_steps: int = 5000
+    unet_class: str = "NCSNppModel"
     differences: str = ""
     reference: str = field(default="")
 
@@ -103,31 +132,90 @@ class TrainingPreset:
 
 
 _PUBLISHED_FLOW = {"num_levels": 3, "flow_depth": 16, "hidden_channels": 256}
-# The PC sampler of every published configuration: N = 1000, reverse diffusion + one Langevin step, t* = 0.6 T.
-_PUBLISHED_SAMPLER = {
-    "num_train_timesteps": 1000,
-    "predictor": "reverse_diffusion",
-    "corrector": "langevin",
-    "flow_start": 0.6,
-}
-# Song et al.'s NCSN++ VE configurations: name -> (config file, resolution, sigma_max, snr, train batch size).
-_NCSNPP_VE_SETTINGS = {
-    "ncsnpp-cifar10-ve": ("configs/ve/cifar10_ncsnpp_continuous.py", 32, 50.0, 0.16, 128),
-    "ncsnpp-celebahq256-ve": ("configs/ve/celebahq_256_ncsnpp_continuous.py", 256, 348.0, 0.17, 8),
+_TINY_FLOW = {"num_levels": 2, "flow_depth": 4, "hidden_channels": 32}
+# name -> (config file, what it is, EMA decay, loss reduction); the network and sampler options are
+# NCSNPP_PUBLISHED_CONFIGS[name] and DINOF_PUBLISHED_SCHEDULER_CONFIGS[name].
+_PUBLISHED = {
+    "ncsnpp-cifar10-ve": (
+        "configs/ve/cifar10_ncsnpp_continuous.py",
+        "NCSN++ on CIFAR-10 32x32, VE SDE in continuous time (DiNof's main CIFAR-10 setting)",
+        0.999,
+        "sum",
+    ),
+    "ncsnpp-deep-cifar10-ve": (
+        "configs/ve/cifar10_ncsnpp_deep_continuous.py",
+        "NCSN++ deep (8 residual blocks per level) on CIFAR-10 32x32, VE SDE in continuous time",
+        0.999,
+        "sum",
+    ),
+    "ncsnpp-cifar10-ve-discrete": (
+        "configs/ve/cifar10_ncsnpp.py",
+        "NCSN++ on CIFAR-10 32x32, SMLD (discrete VE, positional embedding of the noise-level label)",
+        0.999,
+        "sum",
+    ),
+    "ddpmpp-cifar10-vp": (
+        "configs/vp/cifar10_ddpmpp_continuous.py",
+        "DDPM++ on CIFAR-10 32x32, VP SDE in continuous time (noise prediction)",
+        0.9999,
+        "mean",
+    ),
+    "ddpmpp-cifar10-vp-discrete": (
+        "configs/vp/cifar10_ddpmpp.py",
+        "DDPM++ on CIFAR-10 32x32, DDPM (discrete VP, noise prediction)",
+        0.9999,
+        "mean",
+    ),
+    "ddpmpp-cifar10-subvp": (
+        "configs/subvp/cifar10_ddpmpp_continuous.py",
+        "DDPM++ on CIFAR-10 32x32, sub-VP SDE in continuous time (noise prediction)",
+        0.9999,
+        "mean",
+    ),
+    "ncsnpp-celebahq256-ve": (
+        "configs/ve/celebahq_256_ncsnpp_continuous.py",
+        "NCSN++ on CelebA-HQ 256x256, VE SDE in continuous time (sigma_max 348; dropout 0.1 from default_celeba.py)",
+        0.999,
+        "sum",
+    ),
 }
 
 
-def _ve_score_scheduler(sigma_max: float, snr: float) -> Dict[str, Any]:
-    """The `DiNofScheduler` settings of a continuous-time VE score model (NCSN++'s), with the published sampler."""
-    return {
-        "sde_type": "ve",
-        "continuous": True,
-        "prediction_type": "score",
-        "sigma_min": 0.01,
-        "sigma_max": sigma_max,
-        "snr": snr,
-        **_PUBLISHED_SAMPLER,
-    }
+def _published_preset(name: str) -> TrainingPreset:
+    config_file, what, ema_decay, loss_reduction = _PUBLISHED[name]
+    resolution = NCSNPP_PUBLISHED_CONFIGS[name]["sample_size"]
+    return TrainingPreset(
+        name=name,
+        description=f"{what}; NCSNppModel, {NCSNPP_PUBLISHED_PARAMETER_COUNTS[name]['total']:,} parameters.",
+        resolution=resolution,
+        unet_config=dict(NCSNPP_PUBLISHED_CONFIGS[name]),
+        scheduler_config=dict(DINOF_PUBLISHED_SCHEDULER_CONFIGS[name]),
+        flow_config=dict(_PUBLISHED_FLOW),
+        ema_decay=ema_decay,
+        train_batch_size=128,
+        loss_reduction=loss_reduction,
+        reference=f"DiNof {config_file}",
+    )
+
+
+def _unet2d_preset(
+    base: str, unet_config: Dict[str, Any], parameters: str, differences: str, **changes
+) -> TrainingPreset:
+    """The published configuration `base` with a `UNet2DModel` approximation of its network."""
+    published = _published_preset(base)
+    return TrainingPreset(
+        **{
+            **vars(published),
+            "name": f"{base}-unet2d",
+            "description": f"{_PUBLISHED[base][1]}; UNet2DModel approximation, {parameters} parameters.",
+            "unet_class": "UNet2DModel",
+            "unet_config": unet_config,
+            # diffusers' conditioning (the two agree for these continuous-time models)
+            "scheduler_config": {**published.scheduler_config, "model_conditioning": "diffusers"},
+            "differences": differences,
+            **changes,
+        }
+    )
 
 
 def _skip_unet(
@@ -148,100 +236,87 @@ def _skip_unet(
     }
 
 
-def _ncsnpp_ve_preset(name: str, description: str, differences: str, unet_config: Dict[str, Any]) -> TrainingPreset:
-    """NCSN++ with the VE SDE in continuous time (a score model), the published Glow, EMA 0.999, summed loss."""
-    config_file, resolution, sigma_max, snr, train_batch_size = _NCSNPP_VE_SETTINGS[name]
-    return TrainingPreset(
-        name=name,
-        description=description,
-        resolution=resolution,
-        unet_config=unet_config,
-        scheduler_config=_ve_score_scheduler(sigma_max, snr),
-        flow_config=dict(_PUBLISHED_FLOW),
-        ema_decay=0.999,
-        train_batch_size=train_batch_size,
-        loss_reduction="sum",
-        reference=f"score_sde {config_file}",
-        differences=differences,
-    )
-
-
-def _ddpmpp_cifar10_preset(sde_type: str, sde_name: str) -> TrainingPreset:
-    """DDPM++ on CIFAR-10 (continuous time, epsilon prediction) with the VP or the sub-VP SDE."""
-    return TrainingPreset(
-        name=f"ddpmpp-cifar10-{sde_type}",
-        description=f"DDPM++ on CIFAR-10 32x32 with the {sde_name} SDE in continuous time (epsilon prediction).",
-        resolution=32,
-        unet_config={
-            **_DDPMPP_COMMON,
-            "in_channels": 3,
-            "out_channels": 3,
-            "block_out_channels": (128, 256, 256, 256),
-            "layers_per_block": 4,
-            "down_block_types": (
-                "ResnetDownsampleBlock2D",
-                "AttnDownBlock2D",
-                "ResnetDownsampleBlock2D",
-                "ResnetDownsampleBlock2D",
-            ),
-            "up_block_types": (
-                "ResnetUpsampleBlock2D",
-                "ResnetUpsampleBlock2D",
-                "AttnUpBlock2D",
-                "ResnetUpsampleBlock2D",
-            ),
-            "dropout": 0.1,
-        },
-        scheduler_config={
-            "sde_type": sde_type,
-            "continuous": True,
-            "prediction_type": "epsilon",
-            "beta_min": 0.1,
-            "beta_max": 20.0,
-            "snr": 0.16,
-            **_PUBLISHED_SAMPLER,
-        },
-        flow_config=dict(_PUBLISHED_FLOW),
-        ema_decay=0.9999,
-        train_batch_size=128,
-        loss_reduction="mean",
-        reference=f"score_sde configs/{sde_type}/cifar10_ddpmpp_continuous.py",
-        differences=_DDPMPP_CIFAR10_DIFFERENCES,
-    )
-
+_DDPMPP_UNET2D = {
+    **_DDPMPP_COMMON,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (128, 256, 256, 256),
+    "layers_per_block": 4,
+    "down_block_types": (
+        "ResnetDownsampleBlock2D",
+        "AttnDownBlock2D",
+        "ResnetDownsampleBlock2D",
+        "ResnetDownsampleBlock2D",
+    ),
+    "up_block_types": (
+        "ResnetUpsampleBlock2D",
+        "ResnetUpsampleBlock2D",
+        "AttnUpBlock2D",
+        "ResnetUpsampleBlock2D",
+    ),
+    "dropout": 0.1,
+}
+# The VE score model of the small presets: Song et al.'s rule of thumb, sigma_max ~ the largest distance between two
+# training images, is 8.5 for the 16x16 digits in [0, 1].
+_TINY_SCHEDULER = {**DINOF_PUBLISHED_SCHEDULER_CONFIGS["ncsnpp-cifar10-ve"], "sigma_max": 10.0}
+_TINY_TRAINING = dict(
+    resolution=16,
+    flow_config=_TINY_FLOW,
+    ema_decay=0.999,
+    train_batch_size=64,
+    loss_reduction="sum",
+    learning_rate=2e-3,
+    lr_warmup_steps=100,
+    reference="",
+)
 
 _PRESETS: Tuple[TrainingPreset, ...] = (
-    _ncsnpp_ve_preset(
+    *(_published_preset(name) for name in _PUBLISHED),
+    _unet2d_preset(
         "ncsnpp-cifar10-ve",
-        "NCSN++ on CIFAR-10 32x32 with the VE SDE in continuous time (DiNof's main CIFAR-10 setting).",
-        (
-            "NCSN++ (Song et al., configs/ve/cifar10_ncsnpp_continuous.py): nf 128, ch_mult (1, 2, 2, 2), 4 residual "
-            "blocks per resolution, attention at 16x16, BigGAN residual blocks with FIR resampling, progressive_input "
-            "'residual', progressive 'none', dropout 0.1, Fourier features of log sigma (scale 16), output / sigma."
-            + _NCSNPP_DIFFERENCES
-            + " The CIFAR-10 NCSN++ uses progressive_input 'residual' and no output skip; UNet2DModel offers only the "
-            "input_skip / output_skip blocks of the CelebA-HQ configuration."
-        ),
         _skip_unet((128, 256, 256, 256), layers_per_block=4, attention_level=1, dropout=0.1),
+        "61,894,924",
+        "The CIFAR-10 NCSN++ (nf 128, ch_mult (1, 2, 2, 2), 4 residual blocks per resolution, attention at 16x16, "
+        "BigGAN residual blocks with FIR resampling, progressive_input 'residual', progressive 'none', dropout 0.1, "
+        "Fourier features of log sigma, output / sigma) uses progressive_input 'residual' and no output skip; "
+        "UNet2DModel offers only the input_skip / output_skip blocks of the CelebA-HQ configuration."
+        + _NCSNPP_DIFFERENCES,
     ),
-    _ddpmpp_cifar10_preset("vp", "VP"),
-    _ddpmpp_cifar10_preset("subvp", "sub-VP"),
-    _ncsnpp_ve_preset(
+    *(
+        _unet2d_preset(f"ddpmpp-cifar10-{sde}", dict(_DDPMPP_UNET2D), "62,513,667", _DDPMPP_CIFAR10_DIFFERENCES)
+        for sde in ("vp", "subvp")
+    ),
+    _unet2d_preset(
         "ncsnpp-celebahq256-ve",
-        "NCSN++ on CelebA-HQ 256x256 with the VE SDE in continuous time (sigma_max 348).",
-        (
-            "NCSN++ (Song et al., configs/ve/celebahq_256_ncsnpp_continuous.py): nf 128, ch_mult (1, 1, 2, 2, 2, 2, "
-            "2), 2 residual blocks per resolution, attention at 16x16, progressive_input 'input_skip', progressive "
-            "'output_skip', FIR, dropout 0, the layout of google/ncsnpp-celebahq-256." + _NCSNPP_DIFFERENCES + " "
-            "Song et al. sample CelebA-HQ-256 with N = 2000 noise scales and snr 0.075; this preset follows DiNof's "
-            "N = 1000 and snr 0.17."
+        _skip_unet((128, 128, 256, 256, 256, 256, 256), layers_per_block=2, attention_level=4, dropout=0.1),
+        "65,574,549",
+        "The CelebA-HQ NCSN++ (nf 128, ch_mult (1, 1, 2, 2, 2, 2, 2), 2 residual blocks per resolution, attention at "
+        "16x16, progressive_input 'input_skip', progressive 'output_skip', FIR, dropout 0.1) in the layout of "
+        "google/ncsnpp-celebahq-256." + _NCSNPP_DIFFERENCES,
+    ),
+    TrainingPreset(
+        name="ncsnpp-tiny",
+        description="A small NCSN++ VE score network (NCSNppModel, 190,835 parameters in RGB) and Glow for CPU runs "
+        "and tests.",
+        unet_config=dict(
+            NCSNPP_PUBLISHED_CONFIGS["ncsnpp-cifar10-ve"],
+            sample_size=16,
+            nf=16,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(8,),
+            dropout=0.0,
         ),
-        _skip_unet((128, 128, 256, 256, 256, 256, 256), layers_per_block=2, attention_level=4, dropout=0.0),
+        scheduler_config=dict(_TINY_SCHEDULER),
+        differences="Not a published network: the CIFAR-10 NCSN++ options at nf 16, ch_mult (1, 2), one residual "
+        "block per level, attention at 8x8, no dropout; learning rate 2e-3 with 100 warm-up steps, sigma_max 10.",
+        **_TINY_TRAINING,
     ),
     TrainingPreset(
         name="tiny",
-        description="A small NCSN++-style VE score network and Glow for CPU runs (the digits demo and the tests).",
-        resolution=16,
+        description="A small NCSN++-style VE score network (UNet2DModel, 638,083 parameters in RGB) and Glow for CPU "
+        "runs (the digits demo and the tests).",
+        unet_class="UNet2DModel",
         unet_config={
             **_NCSNPP_COMMON,
             "in_channels": 3,
@@ -253,21 +328,13 @@ _PRESETS: Tuple[TrainingPreset, ...] = (
             "norm_num_groups": 8,
             "dropout": 0.0,
         },
-        # Song et al.'s rule of thumb: sigma_max ~ the largest distance between two training images; 8.5 for the
-        # 16x16 digits in [0, 1].
-        scheduler_config=_ve_score_scheduler(sigma_max=10.0, snr=0.16),
-        flow_config={"num_levels": 2, "flow_depth": 4, "hidden_channels": 32},
-        ema_decay=0.999,
-        train_batch_size=64,
-        loss_reduction="sum",
-        learning_rate=2e-3,
-        lr_warmup_steps=100,
-        reference="",
+        scheduler_config={**_TINY_SCHEDULER, "model_conditioning": "diffusers"},
         differences=(
             "Not a published network: 3 resolutions of 16, 32 and 64 channels, one residual block each, plain "
             "convolutional resampling, no attention but in the mid block; the NCSN++ time embedding and output "
             "scaling (a VE score model). Learning rate 2e-3 with 100 warm-up steps, for runs of a few thousand steps."
         ),
+        **_TINY_TRAINING,
     ),
 )
 
@@ -291,10 +358,26 @@ def get_preset(name: str) -> TrainingPreset:
         raise KeyError(f"Unknown training preset {name!r}; known presets: {', '.join(PRESETS)}.") from None
 
 
-def nearest_published_preset(time_embedding_type: str) -> TrainingPreset:
-    """The published preset whose parameterisation a UNet has, for the defaults of a UNet given another way.
+def nearest_published_preset(unet_class: str, unet_config: Mapping[str, Any]) -> TrainingPreset:
+    """The published preset whose parameterisation a network has, for the defaults of a network given another way.
 
-    A Fourier time embedding is NCSN++'s (a VE score model): "ncsnpp-cifar10-ve"; anything else is a DDPM-style noise
-    predictor: "ddpmpp-cifar10-vp".
+    NCSNppModel: the published config whose network options it has (sample size and channels aside), else by its
+    output: a score (`scale_by_sigma`) "ncsnpp-cifar10-ve", a noise prediction "ddpmpp-cifar10-vp". UNet2DModel: a
+    Fourier time embedding is NCSN++'s (a VE score model), "ncsnpp-cifar10-ve-unet2d"; anything else is a DDPM-style
+    noise predictor, "ddpmpp-cifar10-vp-unet2d".
     """
-    return PRESETS["ncsnpp-cifar10-ve" if time_embedding_type == "fourier" else "ddpmpp-cifar10-vp"]
+    if unet_class == "NCSNppModel":
+        ignored = ("sample_size", "in_channels")
+        for name, published in NCSNPP_PUBLISHED_CONFIGS.items():
+            if all(_same(unet_config.get(k), v) for k, v in published.items() if k not in ignored):
+                return PRESETS[name]
+        return PRESETS["ncsnpp-cifar10-ve" if unet_config.get("scale_by_sigma", True) else "ddpmpp-cifar10-vp"]
+    fourier = unet_config.get("time_embedding_type", "positional") == "fourier"
+    return PRESETS["ncsnpp-cifar10-ve-unet2d" if fourier else "ddpmpp-cifar10-vp-unet2d"]
+
+
+def _same(first, second) -> bool:
+    """Config values equal up to list / tuple (a JSON round trip turns tuples into lists)."""
+    if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
+        return list(first) == list(second)
+    return first == second

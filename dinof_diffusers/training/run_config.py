@@ -7,12 +7,18 @@ configuration files (config.json, model_index.json, scheduler_config.json), so a
 data are loaded. `build_models(run)` then makes the score network, the flow prior and the scheduler.
 
 Where a setting comes from:
-- the score network: `--unet_config` (a preset name or a JSON file of `UNet2DModel` arguments; "tiny" by default),
-  or `--pretrained_model_name_or_path`: a DiNof pipeline (its unet, flow_prior and scheduler settings), another
+- the score network: `--unet_config` (a preset name or a JSON file of the network's arguments, whose `_class_name`
+  is "UNet2DModel" (the default) or "NCSNppModel"; "tiny" by default), or `--pretrained_model_name_or_path`: a DiNof
+  pipeline (its unet, flow_prior and scheduler settings, e.g. one written by dinof-convert-checkpoint), another
   diffusers pipeline with a `unet` (its scheduler translated when it is ScoreSdeVe or linear DDPM / DDIM) or a plain
-  `UNet2DModel` folder. A pretrained network's defaults are those of the published preset nearest to it.
+  `UNet2DModel` / `NCSNppModel` folder. A pretrained network's defaults are those of the published preset nearest to
+  it.
 - the scheduler: the preset's settings < the pretrained model's < `--sde`, `--continuous`, `--flow_start`,
-  `--sigma_max`, `--snr`; the network's time embedding fixes the parameterisation (Fourier: a VE score model).
+  `--sigma_max`, `--snr`. The network fixes the parameterisation and the conditioning: a UNet2DModel with a Fourier
+  time embedding is a VE score model, any other an epsilon model, conditioned as diffusers does
+  (`model_conditioning="diffusers"`); an NCSNppModel follows the published `get_score_fn` (what its preset and the
+  converted configs say): VE networks output the score, VP / sub-VP networks the noise, discrete ones take the
+  published labels (`model_conditioning="score_sde"`), and a new one gets the scheduler's SMLD noise levels.
 - the flow prior: the pretrained pipeline's (trained further as it is), else a new one of the preset's size unless
   `--flow_*` say otherwise; none for score-only training from a network without one.
 """
@@ -33,10 +39,11 @@ from ..code_bundle import package_model_index
 from ..config_utils import public_config
 from ..hub_utils import is_local_path, model_file
 from ..models.flow_prior import FlowPriorModel
+from ..models.ncsnpp import NCSNppModel
 from ..schedulers.scheduling_dinof import SDE_TYPES, DiNofScheduler
 from ..validation import check_choice, check_int, check_number, check_positive_int
 from .losses import LOSS_REDUCTIONS
-from .presets import TrainingPreset, get_preset, list_presets, nearest_published_preset
+from .presets import UNET_CLASS_NAMES, TrainingPreset, get_preset, list_presets, nearest_published_preset
 
 TRAIN_COMPONENTS = ("joint", "score", "flow")
 SCORE_TIME_RANGES = ("t_star", "full")
@@ -51,6 +58,9 @@ SCHEDULER_FLAGS = {
     "snr": "snr",
 }
 FLOW_FLAGS = {"flow_num_levels": "num_levels", "flow_depth": "flow_depth", "flow_hidden_channels": "hidden_channels"}
+UNET_CLASSES = {"UNet2DModel": UNet2DModel, "NCSNppModel": NCSNppModel}
+# The SMLD noise levels an NCSNppModel shares with its scheduler (its positional labels index them).
+_NCSNPP_NOISE_LEVELS = {"sigma_min": "sigma_min", "sigma_max": "sigma_max", "num_scales": "num_train_timesteps"}
 
 
 class TrainingError(Exception):
@@ -82,10 +92,10 @@ class RunConfig:
     (except `max_train_steps`, for which `num_epochs` stands in).
 
     The resolved fields:
-        unet_kwargs (`Mapping`, *optional*): the `UNet2DModel` arguments of a new score network (`None` for a
-            pretrained one).
+        unet_class (`str`): the score network's class, "UNet2DModel" or "NCSNppModel".
+        unet_kwargs (`Mapping`, *optional*): the arguments of a new score network (`None` for a pretrained one).
         pretrained_kind (`str`, *optional*): "dinof" (a DiNof pipeline), "pipeline" (another diffusers pipeline with
-            a `unet`) or "unet" (a `UNet2DModel` folder); `None` without a pretrained model.
+            a `unet`) or "unet" (a `UNet2DModel` / `NCSNppModel` folder); `None` without a pretrained model.
         scheduler_config (`Mapping`): the `DiNofScheduler` configuration.
         flow_prior (`str`, *optional*): "pretrained" (the pretrained pipeline's), "new", or `None` (no flow prior).
     """
@@ -124,14 +134,16 @@ class RunConfig:
 
     unet_config: Optional[str] = _flag(
         None,
-        f"A preset name ({', '.join(list_presets())}) or a JSON file of UNet2DModel arguments. Default: 'tiny' "
-        "unless --pretrained_model_name_or_path is given.",
+        f"A preset name ({', '.join(list_presets())}) or a JSON file of the score network's arguments (its "
+        "`_class_name`: UNet2DModel, the default, or NCSNppModel). Default: 'tiny' unless "
+        "--pretrained_model_name_or_path is given.",
         group="model (default: the preset's settings, or those of the pretrained model)",
     )
     pretrained_model_name_or_path: Optional[str] = _flag(
         None,
         "Start from a DiNof pipeline (folder or Hub id with model_index.json; its unet, flow_prior and scheduler "
-        "settings), another diffusers pipeline with a `unet` subfolder, or a plain UNet2DModel (config.json).",
+        "settings; e.g. the output of dinof-convert-checkpoint), another diffusers pipeline with a `unet` subfolder, "
+        "or a plain UNet2DModel / NCSNppModel folder (config.json).",
     )
     revision: Optional[str] = _flag(None, "Revision of the pretrained model on the Hub.")
     sde: Optional[str] = _flag(None, "The SDE.", choices=SDE_TYPES)
@@ -237,6 +249,7 @@ class RunConfig:
         nargs="*",
     )
 
+    unet_class: str = _resolved("UNet2DModel")
     unet_kwargs: Optional[Mapping[str, Any]] = _resolved()
     pretrained_kind: Optional[str] = _resolved()
     scheduler_config: Optional[Mapping[str, Any]] = _resolved()
@@ -339,10 +352,17 @@ def resolve_run_config(args) -> RunConfig:
     for name in ("train_batch_size", "learning_rate", "lr_warmup_steps", "loss_reduction", "ema_decay"):
         if flags[name] is None:
             flags[name] = getattr(preset, name)
-    resolved["scheduler_config"] = MappingProxyType(_resolve_scheduler(flags, source))
+    scheduler_config = _resolve_scheduler(flags, source)
+    resolved["scheduler_config"] = MappingProxyType(scheduler_config)
     resolved["flow_prior"] = _resolve_flow(flags, source)
+    unet = source["unet"]
+    if resolved["unet_kwargs"] is not None:
+        if source["unet_class"] == "NCSNppModel":  # a new network's SMLD labels index the scheduler's noise levels
+            resolved["unet_kwargs"].update({k: scheduler_config[key] for k, key in _NCSNPP_NOISE_LEVELS.items()})
+        unet = resolved["unet_kwargs"]
+        resolved["unet_kwargs"] = MappingProxyType(unet)
     unet_flag = "--unet_config" if source["kind"] is None else "--pretrained_model_name_or_path"
-    _check_model_settings(source["unet"], flags, unet_flag)
+    _check_model_settings(source["unet_class"], unet, scheduler_config, flags, unet_flag)
     return RunConfig(**flags, **resolved)
 
 
@@ -413,23 +433,35 @@ def _check_flags(flags: Dict[str, Any], defaults: Dict[str, Any]) -> None:
     check_number(flags["max_nonfinite_fraction"], "--max_nonfinite_fraction", 0.0, 1.0)
 
 
-def _unet_settings(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """A `UNet2DModel` config with `UNet2DModel`'s defaults for what it leaves out."""
-    parameters = inspect.signature(UNet2DModel.__init__).parameters.values()
+def unet_class_name(config: Mapping[str, Any], source: str) -> str:
+    """The score network's class named by a config's `_class_name` (UNet2DModel when it names none)."""
+    name = config.get("_class_name", "UNet2DModel")
+    if name not in UNET_CLASSES:
+        raise TrainingError(
+            f"The score network of {source} is a {name}; train.py trains {' or '.join(UNET_CLASS_NAMES)} "
+            "(`_class_name`)."
+        )
+    return name
+
+
+def _unet_settings(config: Mapping[str, Any], unet_class: str) -> Dict[str, Any]:
+    """A score network config with its class's defaults for what it leaves out."""
+    parameters = inspect.signature(UNET_CLASSES[unet_class].__init__).parameters.values()
     defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
     return {**defaults, **public_config(config)}
 
 
-def load_unet_config(unet_config: str) -> Tuple[Dict[str, Any], TrainingPreset]:
-    """A preset name or a JSON file -> (UNet2DModel kwargs, the preset giving the remaining defaults)."""
+def load_unet_config(unet_config: str) -> Tuple[str, Dict[str, Any], TrainingPreset]:
+    """A preset name or a JSON file -> (network class name, its kwargs, the preset giving the remaining defaults)."""
     if unet_config.endswith(".json") or os.path.isfile(unet_config):
         with open(unet_config) as handle:
             config = json.load(handle)
         if not isinstance(config, dict):
-            raise ValueError(f"{unet_config!r} must hold a JSON object of UNet2DModel arguments.")
-        return public_config(config), nearest_published_preset(config.get("time_embedding_type", "positional"))
+            raise ValueError(f"{unet_config!r} must hold a JSON object of the score network's arguments.")
+        unet_class = unet_class_name(config, f"--unet_config {unet_config}")
+        return unet_class, public_config(config), nearest_published_preset(unet_class, config)
     preset = get_preset(unet_config)
-    return preset.get_unet_config(), preset
+    return preset.unet_class, preset.get_unet_config(), preset
 
 
 def translate_scheduler_config(config: Mapping[str, Any]) -> Dict[str, Any]:
@@ -461,16 +493,16 @@ def _score_network_source(flags: Dict[str, Any]) -> Dict[str, Any]:
     the configuration files of --pretrained_model_name_or_path (no weights are loaded).
 
     Returns:
-        `kind` (None or `RunConfig.pretrained_kind`), `unet` (the UNet config), `preset`, `scheduler` (pretrained
-        scheduler settings) and `flow` (the pretrained flow prior's config, or None).
+        `kind` (None or `RunConfig.pretrained_kind`), `unet_class`, `unet` (the network's config), `preset`,
+        `scheduler` (pretrained scheduler settings) and `flow` (the pretrained flow prior's config, or None).
     """
     path = flags["pretrained_model_name_or_path"]
     if path is None:
         try:
-            unet, preset = load_unet_config(flags["unet_config"])
+            unet_class, unet, preset = load_unet_config(flags["unet_config"])
         except (KeyError, OSError, ValueError) as error:
             raise TrainingError(f"--unet_config: {error}") from None
-        return {"kind": None, "unet": unet, "preset": preset, "scheduler": {}, "flow": None}
+        return {"kind": None, "unet_class": unet_class, "unet": unet, "preset": preset, "scheduler": {}, "flow": None}
 
     def read(filename):
         try:
@@ -488,12 +520,14 @@ def _score_network_source(flags: Dict[str, Any]) -> Dict[str, Any]:
     unet = read("config.json" if kind == "unet" else "unet/config.json")
     if unet is None:
         raise TrainingError(f"--pretrained_model_name_or_path {path!r} has no UNet config (unet/config.json).")
+    unet_class = unet_class_name(unet, f"--pretrained_model_name_or_path {path!r}")
     scheduler = read("scheduler/scheduler_config.json") if kind != "unet" else None
     has_flow = kind == "dinof" and (index.get("flow_prior") or [None])[0] is not None
     return {
         "kind": kind,
-        "unet": _unet_settings(unet),
-        "preset": nearest_published_preset(_unet_settings(unet)["time_embedding_type"]),
+        "unet_class": unet_class,
+        "unet": _unet_settings(unet, unet_class),
+        "preset": nearest_published_preset(unet_class, unet),
         "scheduler": translate_scheduler_config(scheduler) if scheduler else {},
         "flow": read("flow_prior/config.json") if has_flow else None,
     }
@@ -518,13 +552,15 @@ def _resolve_score_network(flags: Dict[str, Any], source: Dict[str, Any]) -> Dic
                     f"--pretrained_model_name_or_path {path!r}."
                 )
         flags["resolution"], flags["num_channels"] = size, unet["in_channels"]
-        return {"unet_kwargs": None, "pretrained_kind": source["kind"]}
+        return {"unet_class": source["unet_class"], "unet_kwargs": None, "pretrained_kind": source["kind"]}
     flags["resolution"] = flags["resolution"] or unet.get("sample_size") or source["preset"].resolution
     is_digits = flags["dataset_name"] is None and flags["train_data_dir"] is None
     channels = flags["num_channels"] or (1 if is_digits else unet.get("in_channels", 3))
     flags["num_channels"] = channels
-    unet = {**unet, "sample_size": flags["resolution"], "in_channels": channels, "out_channels": channels}
-    return {"unet_kwargs": MappingProxyType(unet), "pretrained_kind": None}
+    unet = {**unet, "sample_size": flags["resolution"], "in_channels": channels}
+    if source["unet_class"] == "UNet2DModel":
+        unet["out_channels"] = channels
+    return {"unet_class": source["unet_class"], "unet_kwargs": unet, "pretrained_kind": None}
 
 
 def _resolve_scheduler(flags: Dict[str, Any], source: Dict[str, Any]) -> Dict[str, Any]:
@@ -535,8 +571,13 @@ def _resolve_scheduler(flags: Dict[str, Any], source: Dict[str, Any]) -> Dict[st
     settings = {**source["preset"].scheduler_config, **source["scheduler"]}
     given = {flag: flags[flag] for flag in SCHEDULER_FLAGS if flags[flag] is not None}
     settings.update({SCHEDULER_FLAGS[flag]: value for flag, value in given.items()})
-    fourier = source["unet"].get("time_embedding_type", "positional") == "fourier"
-    settings["prediction_type"] = "score" if fourier else "epsilon"
+    if source["unet_class"] == "NCSNppModel":  # the published get_score_fn
+        settings["prediction_type"] = "score" if settings.get("sde_type", "ve") == "ve" else "epsilon"
+        settings["model_conditioning"] = "score_sde"
+    else:
+        fourier = source["unet"].get("time_embedding_type", "positional") == "fourier"
+        settings["prediction_type"] = "score" if fourier else "epsilon"
+        settings["model_conditioning"] = "diffusers"
     try:
         scheduler = DiNofScheduler(**settings)
     except ValueError as error:
@@ -577,11 +618,17 @@ def _resolve_flow(flags: Dict[str, Any], source: Dict[str, Any]) -> Optional[str
     return None if flags["train_component"] == "score" else "new"
 
 
-def _check_model_settings(unet: Mapping[str, Any], flags: Dict[str, Any], unet_flag: str) -> None:
-    """Raises `TrainingError` naming the flags if the resolution, the flow depth and the SDE do not fit the UNet."""
+def _check_model_settings(
+    unet_class: str, unet: Mapping[str, Any], scheduler: Mapping[str, Any], flags: Dict[str, Any], unet_flag: str
+) -> None:
+    """Raises `TrainingError` naming the flags if the resolution, the flow depth and the SDE do not fit the network."""
     resolution, num_levels, sde = flags["resolution"], flags["flow_num_levels"], flags["sde"]
-    unet_factor = 2 ** (len(unet.get("down_block_types", ())) - 1)
+    if unet_class == "NCSNppModel":
+        unet_factor = 2 ** (len(unet["ch_mult"]) - 1)
+    else:
+        unet_factor = 2 ** (len(unet.get("down_block_types", ())) - 1)
     flow_factor = 2**num_levels
+    source = f"{unet_flag} {flags[unet_flag[2:]]}"
     if resolution % flow_factor:
         raise TrainingError(
             f"--resolution {resolution} must be divisible by 2 ** --flow_num_levels = {flow_factor} (the flow "
@@ -589,14 +636,46 @@ def _check_model_settings(unet: Mapping[str, Any], flags: Dict[str, Any], unet_f
         )
     if resolution % unet_factor:
         raise TrainingError(
-            f"--resolution {resolution} must be divisible by {unet_factor}, the downsampling of the UNet of "
-            f"{unet_flag} {flags[unet_flag[2:]]}."
+            f"--resolution {resolution} must be divisible by {unet_factor}, the downsampling of the UNet of {source}."
         )
-    if unet.get("time_embedding_type", "positional") == "fourier" and sde != "ve":
+    if unet_class == "NCSNppModel":
+        _check_ncsnpp_settings(unet, scheduler, sde, source)
+    elif unet.get("time_embedding_type", "positional") == "fourier" and sde != "ve":
         raise TrainingError(
-            f"--sde {sde} needs an epsilon-prediction UNet (positional time embedding); the UNet of {unet_flag} "
-            f"{flags[unet_flag[2:]]} has a Fourier time embedding and divides its output by sigma, a VE score model "
-            "(use --sde ve)."
+            f"--sde {sde} needs an epsilon-prediction UNet (positional time embedding); the UNet of {source} has a "
+            "Fourier time embedding and divides its output by sigma, a VE score model (use --sde ve)."
+        )
+
+
+def _check_ncsnpp_settings(unet: Mapping[str, Any], scheduler: Mapping[str, Any], sde: str, source: str) -> None:
+    """An NCSNppModel fits the SDE as the published configs: inputs in the SDE's data range, Fourier features for the
+    continuous VE SDE only, output divided by sigma for VE only, SMLD labels over the scheduler's noise levels."""
+    continuous = scheduler["continuous"]
+    problems = []
+    if unet["centered"] != (sde != "ve"):
+        problems.append(
+            f"it takes inputs in {'[-1, 1] (centered=True)' if unet['centered'] else '[0, 1] (centered=False)'}, "
+            f"the data range of {'VP / sub-VP' if unet['centered'] else 'VE'}"
+        )
+    if (unet["embedding_type"] == "fourier") != (sde == "ve" and continuous):
+        problems.append(
+            "its Fourier features embed sigma(t), the conditioning of the continuous VE SDE only"
+            if unet["embedding_type"] == "fourier"
+            else "its positional embedding takes labels (SMLD, VP, sub-VP), not the sigma(t) of the continuous VE SDE"
+        )
+    if unet["scale_by_sigma"] and sde != "ve":
+        problems.append("it divides its output by sigma (a VE score network)")
+    if sde == "ve" and not continuous and unet["scale_by_sigma"]:
+        for key, scheduler_key in _NCSNPP_NOISE_LEVELS.items():
+            if unet[key] != scheduler[scheduler_key]:
+                problems.append(
+                    f"its SMLD labels index {key} = {unet[key]}, the scheduler's {scheduler_key} is "
+                    f"{scheduler[scheduler_key]}"
+                )
+    if problems:
+        raise TrainingError(
+            f"The NCSNppModel of {source} does not fit --sde {sde} --{'' if continuous else 'no-'}continuous: "
+            f"{'; '.join(problems)}."
         )
 
 
@@ -609,15 +688,16 @@ def build_models(run: RunConfig):
     """The score network, the flow prior (or `None`) and the scheduler of a resolved run.
 
     Returns:
-        `(UNet2DModel, Optional[FlowPriorModel], DiNofScheduler)`: new networks are freshly initialised (from the
-        global torch RNG), pretrained ones are loaded.
+        `(UNet2DModel or NCSNppModel, Optional[FlowPriorModel], DiNofScheduler)`: new networks are freshly
+        initialised (from the global torch RNG), pretrained ones are loaded.
     """
     hub = {"revision": run.revision, "cache_dir": run.cache_dir}
+    unet_class = UNET_CLASSES[run.unet_class]
     if run.pretrained_kind is None:
-        unet = UNet2DModel(**run.unet_kwargs)
+        unet = unet_class(**run.unet_kwargs)
     else:
         subfolder = None if run.pretrained_kind == "unet" else "unet"
-        unet = UNet2DModel.from_pretrained(run.pretrained_model_name_or_path, subfolder=subfolder, **hub)
+        unet = unet_class.from_pretrained(run.pretrained_model_name_or_path, subfolder=subfolder, **hub)
     flow_prior = None
     if run.flow_prior == "pretrained":
         flow_prior = FlowPriorModel.from_pretrained(run.pretrained_model_name_or_path, subfolder="flow_prior", **hub)

@@ -22,6 +22,7 @@ from ...file_utils import SWAP_NEW, finish_interrupted_swap
 from ...hub_utils import local_folder
 from ...models.flow_prior import FlowPriorModel
 from ...models.gaussian_prior import GaussianPriorModel
+from ...models.ncsnpp import NCSNppModel
 from ...schedulers.ode_solvers import check_ode_options, integrate_fixed_steps, integrate_rk45, ode_time_grid
 from ...schedulers.scheduling_dinof import DiNofScheduler
 from ...validation import check_choice, check_generators, check_number, check_positive_int
@@ -109,6 +110,21 @@ def _finish_interrupted_save(folder: str, index_name: str) -> None:
         logger.warning("%s.", done[0].upper() + done[1:])
 
 
+def check_unet_matches_scheduler(unet, scheduler) -> None:
+    """Raises a `ValueError` if the network expects another conditioning (its class attribute `model_conditioning`,
+    e.g. NCSNppModel's "score_sde") than the scheduler's `model_conditioning` gives a discrete model (continuous
+    models are conditioned alike under every convention)."""
+    expected = getattr(type(unet), "model_conditioning", None)
+    if expected is None or scheduler is None or scheduler.config.continuous:
+        return
+    if scheduler.config.model_conditioning != expected:
+        raise ValueError(
+            f"{type(unet).__name__} expects the labels of `model_conditioning={expected!r}`, but the scheduler of this "
+            f"discrete model has `model_conditioning={scheduler.config.model_conditioning!r}`: use "
+            f"`DiNofScheduler.from_config(scheduler.config, model_conditioning={expected!r})`."
+        )
+
+
 @dataclass
 class DiNofPipelineOutput(BaseOutput):
     """Output of `DiNofPipeline.__call__`.
@@ -135,9 +151,10 @@ class DiNofPipeline(DiffusionPipeline):
     prior's density; `encode` / `decode` map images to the prior's noise and back (flow and ODE are bijections).
 
     Args:
-        unet ([`UNet2DModel`]): the score network (or any model with its call, `unet(x, timestep).sample`, and a
-            config with `in_channels` and `sample_size`); it returns a score or a noise estimate as the scheduler's
-            `prediction_type` says, conditioned on `scheduler.model_timestep(t)`.
+        unet ([`UNet2DModel`] or [`NCSNppModel`]): the score network (or any model with its call,
+            `unet(x, timestep).sample`, and a config with `in_channels` and `sample_size`); it returns a score or a
+            noise estimate as the scheduler's `prediction_type` says, conditioned on `scheduler.model_timestep(t)`.
+            An `NCSNppModel` of a discrete model needs `model_conditioning="score_sde"` (checked).
         flow_prior ([`FlowPriorModel`] or [`GaussianPriorModel`], *optional*): the prior of x(t*); it always runs in
             float32. A `GaussianPriorModel` must have been fitted for the scheduler's t* and SDE (checked when either
             component is set and at every call). Any model with `sample(batch_size, generator=None, temperature=1.0,
@@ -155,7 +172,7 @@ class DiNofPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        unet: UNet2DModel,
+        unet: Union[UNet2DModel, NCSNppModel],
         scheduler: DiNofScheduler,
         flow_prior: Optional[Union[FlowPriorModel, GaussianPriorModel]] = None,
     ):
@@ -166,6 +183,9 @@ class DiNofPipeline(DiffusionPipeline):
         # construction (register_modules) and later assignment both come through here
         if name == "scheduler":
             check_scheduler(value)
+        if name in ("unet", "scheduler"):
+            unet = value if name == "unet" else self.__dict__.get("unet")
+            check_unet_matches_scheduler(unet, value if name == "scheduler" else self.__dict__.get("scheduler"))
         if name in ("flow_prior", "scheduler"):
             flow_prior = value if name == "flow_prior" else self.__dict__.get("flow_prior")
             scheduler = value if name == "scheduler" else self.__dict__.get("scheduler")
