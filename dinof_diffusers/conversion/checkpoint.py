@@ -26,6 +26,7 @@ Console script `dinof-convert-checkpoint` (also `scripts/convert_dinof_checkpoin
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -70,15 +71,22 @@ def _noise_levels(state_dict: Mapping) -> Dict[str, Any]:
     sigmas = state_dict.get(_SIGMAS)
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"The score network's state dict has no `{_SIGMAS}` buffer of the published NCSN++ layout.")
-    return {"sigma_max": float(sigmas[0]), "sigma_min": float(sigmas[-1]), "num_scales": len(sigmas)}
+    # exp(log sigma) moves the last bits of the configured values (50 -> 49.99999999999999): 6 significant digits
+    return {"sigma_max": float(f"{sigmas[0]:.6g}"), "sigma_min": float(f"{sigmas[-1]:.6g}"), "num_scales": len(sigmas)}
+
+
+@functools.lru_cache(maxsize=32)
+def _published_shapes(config_json: str) -> Dict[str, Tuple[int, ...]]:
+    """Published key -> shape of an NCSNppModel of this config (JSON), built on the meta device once."""
+    with torch.device("meta"):
+        model = NCSNppModel(**json.loads(config_json))
+    meta_state = model.state_dict()
+    return {published: tuple(meta_state[key].shape) for key, published in model.original_key_map().items()}
 
 
 def _layout_problems(state_dict: Mapping, config: Mapping) -> List[str]:
     """What keeps `state_dict` from fitting an NCSNppModel of `config`: its keys and shapes and its SMLD noise range."""
-    with torch.device("meta"):
-        model = NCSNppModel(**config)
-    meta_state = model.state_dict()
-    expected = {published: tuple(meta_state[key].shape) for key, published in model.original_key_map().items()}
+    expected = _published_shapes(json.dumps(config, sort_keys=True))
     given = {key: tuple(value.shape) for key, value in state_dict.items() if key != _SIGMAS}
     problems = []
     for label, keys in (("missing", expected.keys() - given.keys()), ("unexpected", given.keys() - expected.keys())):
