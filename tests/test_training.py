@@ -49,7 +49,6 @@ from dinof_diffusers.training.checkpoints import (
 )
 from dinof_diffusers.training.losses import flow_nll_loss, nats_to_bits_per_dim, score_matching_loss
 from dinof_diffusers.training.model_card import create_model_card
-from dinof_diffusers.training.presets import PRESETS, get_preset, nearest_published_preset
 from dinof_diffusers.training.run_config import run_config_parser
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,34 +234,6 @@ def test_model_outputs_survive_accelerates_fp32_output_wrapper():
             for value, target in zip(got, expected):
                 assert value.dtype == torch.float32
                 torch.testing.assert_close(value, target, rtol=0.02, atol=0.02 * float(target.abs().max()))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Presets
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_presets_build_their_unet_and_scheduler(name):
-    preset = get_preset(name)
-    with torch.device("meta"):
-        unet = UNet2DModel(sample_size=preset.resolution, **preset.get_unet_config())
-    scheduler = DiNofScheduler(**preset.scheduler_config)
-    fourier = unet.config.time_embedding_type == "fourier"
-    assert scheduler.config.prediction_type == ("score" if fourier else "epsilon")
-    assert scheduler.config.sde_type == "ve" or not fourier
-    assert preset.loss_reduction in ("mean", "sum") and preset.differences
-    if name != "tiny":
-        assert preset.flow_config == {"num_levels": 3, "flow_depth": 16, "hidden_channels": 256}
-        assert preset.ema_decay == (0.999 if name.startswith("ncsnpp") else 0.9999)
-        assert scheduler.config.flow_start == 0.6 and preset.learning_rate == 2e-4 and preset.lr_warmup_steps == 5000
-        num_parameters = sum(p.numel() for p in unet.parameters())
-        assert 55e6 < num_parameters < 70e6  # NCSN++ 61.8M, DDPM++ 62M (Song et al.), CelebA-HQ NCSN++ 65.6M
-    assert get_preset("ncsnpp-celebahq256-ve").scheduler_config["sigma_max"] == 348.0
-    assert get_preset("ncsnpp-celebahq256-ve").train_batch_size == 8
-    assert nearest_published_preset("fourier").name == "ncsnpp-cifar10-ve"
-    with pytest.raises(KeyError, match="known presets"):
-        get_preset("ncsn")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
