@@ -5,6 +5,7 @@ layout, small weights and the published network's output, which NCSNppModel must
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -348,3 +349,86 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
     x, t = inputs(config), conditioning(config)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t).sample, model(x, t).sample, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the scheduler's conditioning: a score computed through DiNofScheduler is the published get_score_fn's
+
+
+def published_score_fn(plain, sde, continuous, x, t, N=1000):
+    """score_sde_pytorch's `models/utils.get_score_fn`, written out, around `plain`, the network without
+    `scale_by_sigma` (so that the division by sigma is this function's, from the published noise levels)."""
+    t = t.double()
+    if sde == "ve":
+        if continuous:
+            sigma = 0.01 * (50.0 / 0.01) ** t  # the marginal std, also the label
+            return plain(x, sigma.float()).sample / sigma.float()[:, None, None, None]
+        labels = torch.round((1.0 - t) * (N - 1)).long()  # label 0 is sigma_max
+        sigmas = torch.exp(torch.linspace(math.log(50.0), math.log(0.01), N, dtype=torch.float64))
+        return plain(x, labels).sample / sigmas[labels].float()[:, None, None, None]
+    log_mean = -0.25 * t**2 * (20.0 - 0.1) - 0.5 * t * 0.1
+    if continuous:
+        labels = 999 * t
+        std = torch.sqrt(1.0 - torch.exp(2.0 * log_mean)) if sde == "vp" else 1.0 - torch.exp(2.0 * log_mean)
+    else:
+        labels = t * (N - 1)
+        alphas_cumprod = torch.cumprod(1.0 - torch.linspace(0.1 / N, 20.0 / N, N, dtype=torch.float64), dim=0)
+        std = torch.sqrt(1.0 - alphas_cumprod)[labels.long()]
+    return -plain(x, labels.float()).sample / std.float()[:, None, None, None]
+
+
+@pytest.mark.parametrize(
+    "config_name,fixture",
+    [
+        ("ncsnpp-cifar10-ve", "ncsnpp_ve"),
+        ("ncsnpp-cifar10-ve-discrete", "ddpmpp_vp"),  # the fixture's positional network, made an SMLD score network
+        ("ddpmpp-cifar10-vp", "ddpmpp_vp"),
+        ("ddpmpp-cifar10-vp-discrete", "ddpmpp_vp"),
+        ("ddpmpp-cifar10-subvp", "ddpmpp_vp"),
+    ],
+)
+def test_scheduler_conditioning_gives_the_published_score(config_name, fixture):
+    from dinof_diffusers import DiNofScheduler
+    from dinof_diffusers.schedulers import DINOF_PUBLISHED_SCHEDULER_CONFIGS
+
+    scheduler = DiNofScheduler(**DINOF_PUBLISHED_SCHEDULER_CONFIGS[config_name])
+    sde, continuous = scheduler.config.sde_type, scheduler.config.continuous
+    config = dict(fixture_config(fixture), centered=sde != "ve")
+    if config_name == "ncsnpp-cifar10-ve-discrete":
+        config.update(scale_by_sigma=True)
+    model = NCSNppModel.from_original_state_dict(fixture_state_dict(fixture), **config)
+    plain = NCSNppModel.from_original_state_dict(fixture_state_dict(fixture), **dict(config, scale_by_sigma=False))
+    # the times of the sampler (DiNof's grid from t*, the baseline's from T; in float64, the exact grid the scheduler
+    # snaps its float32 `timesteps` to) and of training
+    eps = scheduler.sampling_eps
+    dinof = torch.linspace(0.6, eps, 600, dtype=torch.float64)[[0, 1, 300, -1]]
+    baseline = torch.linspace(1.0, eps, 1000, dtype=torch.float64)[[0, 1, 500, -1]]
+    training = scheduler.sample_training_timesteps(4, generator=torch.Generator().manual_seed(0))
+    t = torch.cat([dinof, baseline, training.double()])
+    x = inputs(config, batch=len(t), seed=1) * (1.0 if sde == "ve" else 2.0) - (0.0 if sde == "ve" else 1.0)
+    with torch.no_grad():
+        output = model(x, scheduler.model_timestep(t)).sample
+        ours = scheduler.output_to_score(output, x, t)
+        published = published_score_fn(plain, sde, continuous, x, t)
+    torch.testing.assert_close(ours, published, rtol=1e-4, atol=1e-4)
+    if not continuous:  # the training labels are the published training's integers (DDPM: to float32 rounding)
+        labels = scheduler.model_timestep(training)
+        index = torch.floor(training.double() * 999 + 1e-7).long()
+        expected = 999 - index if sde == "ve" else index.float()
+        torch.testing.assert_close(labels.to(expected.dtype), expected, rtol=0, atol=1e-3)
+
+
+def test_the_pipeline_takes_ncsnpp_with_its_published_labels_only():
+    from dinof_diffusers import DiNofPipeline, DiNofScheduler
+
+    model = NCSNppModel(**PUBLISHED_KINDS["ddpmpp-vp"])
+    diffusers_labels = DiNofScheduler(sde_type="vp", prediction_type="epsilon", continuous=False)
+    with pytest.raises(ValueError, match="NCSNppModel expects the labels of `model_conditioning='score_sde'`"):
+        DiNofPipeline(unet=model, scheduler=diffusers_labels)
+    pipeline = DiNofPipeline(
+        unet=model, scheduler=DiNofScheduler.from_config(diffusers_labels.config, model_conditioning="score_sde")
+    )
+    with pytest.raises(ValueError, match="model_conditioning='diffusers'"):
+        pipeline.scheduler = diffusers_labels
+    # continuous models are conditioned alike under both conventions
+    DiNofPipeline(unet=model, scheduler=DiNofScheduler(sde_type="vp", prediction_type="epsilon"))
