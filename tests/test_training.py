@@ -577,6 +577,28 @@ def test_flow_only_training_keeps_the_pretrained_unet_unchanged(score_run, works
     assert "was not trained here" in card.text and "below t*" not in card.text and "valid for both" not in card.text
 
 
+def test_joint_training_of_the_ncsnpp_tiny_preset(workspace):
+    """Two joint steps of NCSNppModel (the published network, tiny) through accelerate launch; the pipeline it saves
+    samples, and its folder and its plain network folder are pretrained models train.py accepts."""
+    output_dir = workspace["root"] / "ncsnpp"
+    args = common_args(workspace, output_dir) + ["--unet_config", "ncsnpp-tiny", "--max_train_steps", "2"]
+    launch(workspace, args)
+    pipeline = DiNofPipeline.from_pretrained(str(output_dir))
+    assert type(pipeline.unet).__name__ == "NCSNppModel" and pipeline.unet.config.sample_size == 8
+    assert pipeline.scheduler.config.model_conditioning == "score_sde" and pipeline.flow_prior is not None
+    output = pipeline(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt")
+    assert output.images.shape == (2, 3, 8, 8) and torch.isfinite(output.images).all()
+
+    data = {"train_data_dir": workspace["images"]}
+    run = resolve(**data, pretrained_model_name_or_path=str(output_dir / "unet"), flow_num_levels=2)
+    unet, _, scheduler = build_models(run)
+    assert run.pretrained_kind == "unet" and run.unet_class == "NCSNppModel" and run.resolution == 8
+    assert scheduler.config.prediction_type == "score" and scheduler.config.model_conditioning == "score_sde"
+    assert_same_weights(unet.state_dict(), load_weights(output_dir / "unet"), atol=0)
+    run = resolve(pretrained_model_name_or_path=str(output_dir), train_component="flow", **data)
+    assert run.pretrained_kind == "dinof" and run.unet_class == "NCSNppModel" and run.flow_prior == "pretrained"
+
+
 def test_two_processes_end_with_identical_replicas_actnorm_included(workspace):
     """gloo data parallelism, gradient accumulation and a skipped non-finite step: every replica stays identical."""
     output_dir = workspace["root"] / "ddp"
