@@ -698,6 +698,12 @@ def main(argv=None) -> List[Row]:
         pipeline.set_progress_bar_config(disable=True)
         if pipeline.flow_prior is None:
             raise ValueError(f"{model_dir} has no flow prior: DiNof needs one.")
+        # both SDEs sample with the tiny preset's PC sampler (reverse diffusion + one Langevin step), not the sampler
+        # of the published preset nearest to the VP network (DDPM++: Euler-Maruyama without corrector)
+        sampler = {
+            key: get_preset("tiny").scheduler_config[key] for key in ("predictor", "corrector", "correct_steps")
+        }
+        pipeline.scheduler = DiNofScheduler.from_config(pipeline.scheduler.config, **sampler)
         pipelines[model] = pipeline
     fingerprints = {model: weights_fingerprint(model_dir) for model, model_dir in model_dirs.items()}
 

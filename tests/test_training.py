@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from accelerate.utils import convert_outputs_to_fp32
+from accelerate.utils import convert_outputs_to_fp32, set_seed
 from analytic_models import AnalyticGaussianModel, spec_chain_mean_std, spec_mean_std
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
@@ -588,6 +588,11 @@ def test_joint_training_of_the_ncsnpp_tiny_preset(workspace):
     assert pipeline.scheduler.config.model_conditioning == "score_sde" and pipeline.flow_prior is not None
     output = pipeline(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt")
     assert output.images.shape == (2, 3, 8, 8) and torch.isfinite(output.images).all()
+    # the Fourier features are never trained (a parameter without grad, as published): still the initial ones
+    set_seed(0)  # as train.py before build_models
+    initial = build_models(resolve_run_config(run_config_parser("").parse_args(args)))[0]
+    assert torch.equal(pipeline.unet.time_proj.weight, initial.time_proj.weight)
+    assert not torch.equal(pipeline.unet.conv_in.weight, initial.conv_in.weight)
 
     data = {"train_data_dir": workspace["images"]}
     run = resolve(**data, pretrained_model_name_or_path=str(output_dir / "unet"), flow_num_levels=2)

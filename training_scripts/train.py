@@ -9,7 +9,8 @@ Structured like diffusers' examples/unconditional_image_generation/train_uncondi
   over both networks, an EMA of each.
 - `--train_component score`: the score network only (the flow prior of a pretrained DiNof pipeline is kept as is).
 - `--train_component flow`: the flow prior only, on a frozen pretrained score network (a DiNof pipeline, a diffusers
-  pipeline with a `unet`, or a plain `UNet2DModel`), which is copied unchanged into the output pipeline.
+  pipeline with a `unet`, or a plain `UNet2DModel` / `NCSNppModel`; e.g. a published checkpoint converted with
+  `dinof-convert-checkpoint`), which is copied unchanged into the output pipeline.
 
 Examples:
 
@@ -104,9 +105,9 @@ def main(run: RunConfig):
     trained_models = ([unet] if run.train_unet else []) + ([flow_prior] if run.train_flow else [])
     for model in (unet, flow_prior):
         if model is not None:
-            model.requires_grad_(model in trained_models)
             model.train(model in trained_models)
-            if model not in trained_models:
+            if model not in trained_models:  # a trained one keeps its fixed parameters (NCSN++'s Fourier features)
+                model.requires_grad_(False)
                 model.to(accelerator.device)
     score_scheduler = scheduler
     if run.score_time_range == "full":
