@@ -42,7 +42,16 @@ from ..pipelines.dinof import DiNofPipeline
 from ..schedulers.published_configs import DINOF_PUBLISHED_SCHEDULER_CONFIGS
 from ..schedulers.scheduling_dinof import DiNofScheduler
 from ..validation import check_choice
-from .flow import DTYPES, apply_ema, check_output_dir, convert_flow, load_checkpoint, save_pretrained_atomically
+from .flow import (
+    DTYPES,
+    add_output_options,
+    apply_ema,
+    check_output_dir,
+    convert_flow,
+    converter_parser,
+    load_checkpoint,
+    save_pretrained_atomically,
+)
 
 PUBLISHED_CONFIG_NAMES = tuple(NCSNPP_PUBLISHED_CONFIGS)
 # layout -> (score network, its EMA, flow, its EMA); the flow entries are None where the layout has no flow.
@@ -216,13 +225,12 @@ def convert_checkpoint(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dinof-convert-checkpoint",
-        description="Convert a published DiNof checkpoint (score network + flow) or a score_sde_pytorch checkpoint "
-        "(score network) to a DiNofPipeline folder.",
+    parser = converter_parser(
+        "dinof-convert-checkpoint",
+        "Convert a published DiNof checkpoint (score network + flow) or a score_sde_pytorch checkpoint (score "
+        "network) to a DiNofPipeline folder.",
+        "the pipeline folder",
     )
-    parser.add_argument("--checkpoint", required=True, help="the .pth checkpoint (loaded with weights_only=True)")
-    parser.add_argument("--output_dir", required=True, help="the pipeline folder to write; written atomically")
     parser.add_argument(
         "--config",
         choices=PUBLISHED_CONFIG_NAMES,
@@ -235,9 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a JSON file of NCSNppModel options that override the published config's (another network)",
     )
     parser.add_argument("--no_ema", action="store_true", help="the raw weights instead of the EMA (the default)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
-    return parser
+    return add_output_options(parser)
 
 
 def _read_model_config(path: Optional[str]) -> Optional[Dict[str, Any]]:

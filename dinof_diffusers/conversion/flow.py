@@ -241,14 +241,28 @@ def save_pretrained_atomically(model, output_dir: str, overwrite: bool = False) 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dinof-convert-flow",
-        description="Convert a published DiNof flow checkpoint (normflows MultiscaleFlow) to a diffusers "
-        "FlowPriorModel folder (config.json + safetensors).",
-    )
+def converter_parser(prog: str, description: str, output: str) -> argparse.ArgumentParser:
+    """The parser of a converter script, with its --checkpoint and --output_dir (`output` says what is written)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--checkpoint", required=True, help="the .pth checkpoint (loaded with weights_only=True)")
-    parser.add_argument("--output_dir", required=True, help="folder to write; written atomically")
+    parser.add_argument("--output_dir", required=True, help=f"{output} to write; written atomically")
+    return parser
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--dtype and --overwrite, the last options of a converter script."""
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = converter_parser(
+        "dinof-convert-flow",
+        "Convert a published DiNof flow checkpoint (normflows MultiscaleFlow) to a diffusers FlowPriorModel folder "
+        "(config.json + safetensors).",
+        "folder",
+    )
     parser.add_argument(
         "--key",
         default=None,
@@ -265,9 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("in_channels", "num_levels", "flow_depth", "hidden_channels"):
         parser.add_argument(f"--{name}", type=int, default=None, help="checked against the checkpoint if given")
     parser.add_argument("--coupling", choices=COUPLING_TYPES, default=None)
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
-    return parser
+    return add_output_options(parser)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -24,26 +24,11 @@ _COMMON: Dict[str, Any] = {
     "model_conditioning": "score_sde",
     "snr": 0.16,
 }
-_VE: Dict[str, Any] = dict(
-    _COMMON,
-    sde_type="ve",
-    prediction_type="score",
-    sigma_min=0.01,
-    sigma_max=50.0,
-    continuous=True,
-    predictor="reverse_diffusion",
-    corrector="langevin",
-)
-_VP: Dict[str, Any] = dict(
-    _COMMON,
-    sde_type="vp",
-    prediction_type="epsilon",
-    beta_min=0.1,
-    beta_max=20.0,
-    continuous=True,
-    predictor="euler_maruyama",
-    corrector="none",
-)
+# the predictor-corrector samplers of the VE configs and of the continuous VP / sub-VP configs
+_PC = {"continuous": True, "predictor": "reverse_diffusion", "corrector": "langevin"}
+_EM = {"continuous": True, "predictor": "euler_maruyama", "corrector": "none"}
+_VE = dict(_COMMON, **_PC, sde_type="ve", prediction_type="score", sigma_min=0.01, sigma_max=50.0)
+_VP = dict(_COMMON, **_EM, sde_type="vp", prediction_type="epsilon", beta_min=0.1, beta_max=20.0)
 
 DINOF_PUBLISHED_SCHEDULER_CONFIGS: Dict[str, Dict[str, Any]] = {
     # configs/ve/cifar10_ncsnpp_continuous.py
