@@ -50,6 +50,7 @@ from .flow import (
     convert_flow,
     converter_parser,
     load_checkpoint,
+    run_conversion,
     save_pretrained_atomically,
 )
 
@@ -186,7 +187,8 @@ def convert_checkpoint(
     """
     check_choice(config, "config", (*PUBLISHED_CONFIG_NAMES, None))
     check_output_dir(output_dir, overwrite)
-    checkpoint = load_checkpoint(checkpoint_path, entries="['model_0' or 'model', ...]")
+    weights = "{k: v for k, v in checkpoint.items() if k in ('model_0', 'model_1', 'ema_0', 'ema_1', 'model', 'ema')}"
+    checkpoint = load_checkpoint(checkpoint_path, weights)
     layout = checkpoint_layout(checkpoint)
     model_key, _, flow_key, flow_ema_key = LAYOUTS[layout]
     score_state = strip_module_prefix(checkpoint[model_key])
@@ -262,8 +264,10 @@ def _read_model_config(path: Optional[str]) -> Optional[Dict[str, Any]]:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of `dinof-convert-checkpoint`; returns the exit status (0 on success, 1 on a conversion error)."""
     args = build_parser().parse_args(argv)
-    try:
-        pipeline, info = convert_checkpoint(
+    result = run_conversion(
+        "dinof-convert-checkpoint",
+        args.output_dir,
+        lambda: convert_checkpoint(
             args.checkpoint,
             args.output_dir,
             config=args.config,
@@ -271,10 +275,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             use_ema=not args.no_ema,
             torch_dtype=DTYPES[args.dtype],
             overwrite=args.overwrite,
-        )
-    except ValueError as error:
-        print(f"dinof-convert-checkpoint: error: {error}", file=sys.stderr)
+        ),
+    )
+    if result is None:
         return 1
+    pipeline, info = result
     weights = "raw weights"
     if info["weights"] == "ema":
         weights = f"EMA weights (decay {info['ema_decay']}, {info['ema_num_updates']} updates)"

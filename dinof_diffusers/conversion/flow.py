@@ -23,7 +23,7 @@ import pickle
 import sys
 import zipfile
 from collections.abc import Mapping
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -133,9 +133,9 @@ def apply_ema(state_dict: Mapping, ema_state, parameter_keys: Optional[List[str]
     return state_dict
 
 
-def load_checkpoint(path: str, entries: str = "['model_1']"):
-    """`torch.load(path, map_location="cpu", weights_only=True)` with clear errors; `entries` is the part of the
-    checkpoint that the error message suggests re-saving on its own."""
+def load_checkpoint(path: str, weights: str = "checkpoint['model_1']"):
+    """`torch.load(path, map_location="cpu", weights_only=True)` with clear errors; `weights` is the expression (of
+    `checkpoint`) that the error message suggests re-saving on its own."""
     if not os.path.isfile(path):
         raise ValueError(f"`checkpoint` {path!r} is not a file.")
     damaged = (
@@ -151,8 +151,8 @@ def load_checkpoint(path: str, entries: str = "['model_1']"):
             raise ValueError(f"{damaged}. Details: {error}") from error
         raise ValueError(
             f"{path!r} cannot be loaded with torch.load(weights_only=True) (it pickles more than tensors and plain "
-            f"containers). Re-save just the weights: torch.save(torch.load(path, weights_only=False){entries}, "
-            f"'weights.pth'), in an environment you trust. Details: {error}"
+            f"containers). Re-save just the weights, in an environment you trust: checkpoint = torch.load(path, "
+            f"weights_only=False); torch.save({weights}, 'weights.pth'). Details: {error}"
         ) from error
 
 
@@ -282,6 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     return add_output_options(parser)
 
 
+def run_conversion(prog: str, output_dir: str, convert: Callable[[], Any]) -> Optional[Any]:
+    """`convert()` as a converter script runs it: the folder that will hold `output_dir` must be writable (checked
+    first); a `ValueError` or a full disk is printed as `<prog>: error: ...` and gives `None`."""
+    try:
+        check_writable_folder(os.path.dirname(os.path.abspath(output_dir)), "The folder of --output_dir")
+        return convert()
+    except ValueError as error:
+        message = str(error)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        message = f"the disk is full: {output_dir!r} was not written ({free_space_message(output_dir)})"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of `dinof-convert-flow`; returns the exit status (0 on success, 1 on a conversion error)."""
     args = build_parser().parse_args(argv)
@@ -289,10 +305,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("in_channels", "num_levels", "flow_depth", "hidden_channels", "coupling"):
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
-    try:
-        # before the conversion: the folder that will hold --output_dir must be writable
-        check_writable_folder(os.path.dirname(os.path.abspath(args.output_dir)), "The folder of --output_dir")
-        model, info = convert_checkpoint(
+    result = run_conversion(
+        "dinof-convert-flow",
+        args.output_dir,
+        lambda: convert_checkpoint(
             args.checkpoint,
             args.output_dir,
             key=args.key,
@@ -301,16 +317,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch_dtype=DTYPES[args.dtype],
             overwrite=args.overwrite,
             **config,
-        )
-    except ValueError as error:
-        print(f"dinof-convert-flow: error: {error}", file=sys.stderr)
+        ),
+    )
+    if result is None:
         return 1
-    except OSError as error:
-        if not is_disk_full(error):
-            raise
-        message = f"the disk is full: {args.output_dir!r} was not written ({free_space_message(args.output_dir)})"
-        print(f"dinof-convert-flow: error: {message}", file=sys.stderr)
-        return 1
+    model, info = result
     num_params = sum(p.numel() for p in model.parameters())
     cfg = {k: model.config[k] for k in ("sample_size", "in_channels", "num_levels", "flow_depth", "hidden_channels")}
     print(
