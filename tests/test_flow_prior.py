@@ -196,6 +196,30 @@ def test_temperature_scales_latents():
         torch.testing.assert_close(at_one[1], expected)
 
 
+def test_latents_to_noise_inverts_noise_to_latents():
+    model = make_model(dtype=torch.float64)
+    with torch.no_grad():
+        for size in ((8, 8), (8, 16)):
+            noise = torch.randn(3, 3, *size, dtype=torch.float64)
+            for tau in (1.0, 0.7):
+                latents = model.noise_to_latents(noise, tau)
+                back = model.latents_to_noise(latents, tau)
+                assert back.shape == noise.shape and back.dtype == torch.float64
+                torch.testing.assert_close(back, noise, rtol=1e-12, atol=1e-12)
+                for a, b in zip(model.noise_to_latents(back, tau), latents):
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        # data -> encode -> latents_to_noise is the noise that sample(noise=...) maps back to the data
+        x = 0.5 + 2.0 * torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        noise = model.latents_to_noise(model.encode(x))
+        torch.testing.assert_close(model.sample(2, noise=noise), x, rtol=1e-9, atol=1e-9)
+        with pytest.raises(ValueError, match="temperature"):
+            model.latents_to_noise(model.encode(x), temperature=0)
+        with pytest.raises(ValueError, match="latents"):
+            model.latents_to_noise(model.encode(x)[:-1])
+        with pytest.raises(ValueError, match=r"latents`\[1\]"):
+            model.latents_to_noise([z if i != 1 else z[:1] for i, z in enumerate(model.encode(x))])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # ActNorm.
 

@@ -429,6 +429,22 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
         if sample.shape[0] == 0:
             raise ValueError(f"`{name}` has an empty batch.")
 
+    def _check_latents(self, latents) -> Tuple[int, int]:
+        """Checks per-level latents (level 0 first) against each other; returns the image height and width."""
+        num_levels = self.config.num_levels
+        if not isinstance(latents, (list, tuple)) or len(latents) != num_levels:
+            raise ValueError(f"`latents` must be a list of {num_levels} tensors (one per level, level 0 first).")
+        z0 = latents[0]
+        if not isinstance(z0, torch.Tensor) or z0.ndim != 4:
+            raise ValueError("`latents` must hold 4-D tensors (batch, channels, height, width).")
+        height, width = z0.shape[2] * 2**num_levels, z0.shape[3] * 2**num_levels
+        expected = self._latent_shapes_for(height, width)
+        for i, (z, shape) in enumerate(zip(latents, expected)):
+            if not isinstance(z, torch.Tensor) or tuple(z.shape) != (z0.shape[0], *shape):
+                got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+                raise ValueError(f"`latents`[{i}] must have shape {(z0.shape[0], *shape)}, got {got}.")
+        return height, width
+
     # ----------------------------------------------------------------------------------------------------------------
     # Caches.
 
@@ -608,17 +624,7 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
             `torch.Tensor` of shape `(batch_size, in_channels, height, width)`.
         """
         num_levels = self.config.num_levels
-        if not isinstance(latents, (list, tuple)) or len(latents) != num_levels:
-            raise ValueError(f"`latents` must be a list of {num_levels} tensors (one per level, level 0 first).")
-        z0 = latents[0]
-        if not isinstance(z0, torch.Tensor) or z0.ndim != 4:
-            raise ValueError("`latents` must hold 4-D tensors (batch, channels, height, width).")
-        height, width = z0.shape[2] * 2**num_levels, z0.shape[3] * 2**num_levels
-        expected = self._latent_shapes_for(height, width)
-        for i, (z, shape) in enumerate(zip(latents, expected)):
-            if not isinstance(z, torch.Tensor) or tuple(z.shape) != (z0.shape[0], *shape):
-                got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-                raise ValueError(f"`latents`[{i}] must have shape {(z0.shape[0], *shape)}, got {got}.")
+        self._check_latents(latents)
         weights = self._cached_sampling_weights()
         x = None
         for i in range(num_levels):
@@ -650,6 +656,29 @@ class FlowPriorModel(ModelMixin, ConfigMixin):
             mean, log_sigma = level.prior_parameters()
             latents.append(mean + torch.exp(log_sigma + log_tau) * piece.reshape(batch, *shape))
         return latents
+
+    def latents_to_noise(self, latents: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+        """The exact inverse of `noise_to_latents`: per-level latents -> standard normal noise of the image shape.
+
+        Level i's latent z_i becomes eps_i = (z_i - mean_i) * exp(-(log sigma_i + log(temperature))); the pieces are
+        flattened and concatenated in level order, so `encode` followed by `latents_to_noise` gives the noise that
+        `sample(noise=...)` maps back to the data.
+
+        Args:
+            latents (`List[torch.Tensor]`): one latent per level, level 0 first, shapes as returned by `encode`.
+            temperature (`float`, *optional*, defaults to 1.0): tau > 0, the temperature of `noise_to_latents`.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, in_channels, height, width)`, in the model's dtype.
+        """
+        log_tau = math.log(check_temperature(temperature))
+        height, width = self._check_latents(latents)
+        batch = latents[0].shape[0]
+        pieces = []
+        for level, z in zip(self.levels, latents):
+            mean, log_sigma = level.prior_parameters()
+            pieces.append(((z.to(dtype=self.dtype) - mean) * torch.exp(-(log_sigma + log_tau))).reshape(batch, -1))
+        return torch.cat(pieces, dim=1).reshape(batch, self.config.in_channels, height, width)
 
     def sample(
         self,

@@ -160,8 +160,8 @@ class DiNofPipeline(DiffusionPipeline):
             component is set and at every call). Any model with `sample(batch_size, generator=None, temperature=1.0,
             noise=None)` (`noise`: standard normal of the image shape) and `log_prob(x) -> (B,)` works; `encode` also
             needs the inverse of `sample(noise=...)` at temperature 1: `encode(x)` returning that noise (as
-            GaussianPriorModel's), or FlowPriorModel's `encode(x) -> per-level latents` with the element-wise affine
-            `noise_to_latents(noise)`.
+            GaussianPriorModel's), or FlowPriorModel's `encode(x) -> per-level latents` with
+            `latents_to_noise(latents)`, the inverse of its `noise_to_latents(noise)`.
         scheduler ([`DiNofScheduler`]): the SDE, the PC sampler and the probability-flow drift.
     """
 
@@ -731,16 +731,12 @@ class DiNofPipeline(DiffusionPipeline):
         encoded = prior.encode(sample) if hasattr(prior, "encode") else None
         if isinstance(encoded, torch.Tensor):  # GaussianPriorModel: encode is the inverse of sample(noise=...)
             return encoded
-        if encoded is None or not hasattr(prior, "noise_to_latents"):
+        if encoded is None or not hasattr(prior, "latents_to_noise"):
             raise ValueError(
                 f"`encode` needs a prior whose `encode(x)` returns the noise of `sample(noise=...)`, or per-level "
-                f"latents with a `noise_to_latents(noise)` (FlowPriorModel); {type(prior).__name__} has neither."
+                f"latents with a `latents_to_noise(latents)` (FlowPriorModel); {type(prior).__name__} has neither."
             )
-        # FlowPriorModel: noise_to_latents is element-wise affine, z = mean + sigma * noise: read mean and sigma off it
-        offset = prior.noise_to_latents(torch.zeros_like(sample))
-        scale = [one - zero for one, zero in zip(prior.noise_to_latents(torch.ones_like(sample)), offset)]
-        pieces = [((z - zero) / s).flatten(1) for z, zero, s in zip(encoded, offset, scale)]
-        return torch.cat(pieces, dim=1).view_as(sample)
+        return prior.latents_to_noise(encoded)
 
     @torch.no_grad()
     def encode(
