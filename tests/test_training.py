@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 import dinof_diffusers
 from dinof_diffusers.config_utils import public_config
+from dinof_diffusers.data import digits_images
 from dinof_diffusers.models.flow_prior import FlowPriorModel
 from dinof_diffusers.pipelines.dinof import DiNofPipeline
 from dinof_diffusers.schedulers import DiNofScheduler
@@ -47,6 +48,7 @@ from dinof_diffusers.training.checkpoints import (
     run_record,
     save_pipeline_atomically,
 )
+from dinof_diffusers.training.data import load_training_dataset
 from dinof_diffusers.training.losses import flow_nll_loss, nats_to_bits_per_dim, score_matching_loss
 from dinof_diffusers.training.model_card import create_model_card
 from dinof_diffusers.training.run_config import run_config_parser
@@ -300,6 +302,8 @@ def test_save_pipeline_atomically_replaces_the_pipeline_and_keeps_the_rest(tmp_p
         ({"train_data_dir": "/nonexistent/images"}, ["--train_data_dir"]),
         ({"dataset_name": "cifar10", "train_data_dir": "."}, ["--dataset_name", "--train_data_dir"]),
         ({"dataset_config_name": "plain_text"}, ["--dataset_config_name", "--dataset_name"]),
+        ({"digits_split": "test", "dataset_name": "cifar10"}, ["--digits_split", "--dataset_name"]),
+        ({"digits_split": "validation"}, ["--digits_split", "'train'"]),
         ({"flow_start": 1.5}, ["--flow_start"]),
         ({"sde": "vp"}, ["--sde", "--unet_config"]),
         ({"unet_config": "tiny", "pretrained_model_name_or_path": "org/model"}, ["--unet_config", "--pretrained"]),
@@ -335,6 +339,12 @@ def test_bad_flags_fail_before_anything_is_loaded_naming_the_flags(tmp_path, fla
 def test_default_flags_are_the_tiny_preset_on_the_digits():
     run = resolve()
     assert run.unet_config == "tiny" and run.is_digits and run.train_component == "joint"
+    # the training part of the digits' fixed split by default: the test digits stay held out
+    assert run.digits_split == "train" and resolve(dataset_name="cifar10").digits_split is None
+    for split, size in (("train", 1500), ("all", 1797)):
+        dataset, description = load_training_dataset(resolve(digits_split=split))
+        assert len(dataset) == size and f"{size} images" in description
+    assert np.array_equal(np.asarray(dataset[7]["image"]), digits_images(16)[7])
     assert (run.resolution, run.num_channels, run.train_batch_size, run.ema_decay) == (16, 1, 64, 0.999)
     assert run.unet_kwargs["in_channels"] == 1 and run.unet_kwargs["sample_size"] == 16
     assert run.continuous is True and run.scheduler_config["sigma_max"] == 10.0 and run.flow_prior == "new"

@@ -1,5 +1,8 @@
 """A tiny DiNof pipeline trained for a few seconds on the embedded 8x8 digits, for tests that need a trained model.
 
+It is trained on the "train" part of the digits' fixed split (as train.py by default), so the 297 "test" digits are
+held out for the likelihood and evaluation tests.
+
 Built once per test session (the `trained_tiny_pipeline_dir` fixture of conftest.py) with the package's own losses,
 saved with `save_pretrained`; tests load it with `DiNofPipeline.from_pretrained`, so none can change it for another.
 The score network learns the whole time range [eps, T] (the baseline sampler from T is valid on it too); the flow
@@ -18,9 +21,9 @@ TRAIN_STEPS = 150
 BATCH_SIZE = 64
 
 
-def digits_tensor(resolution: int = RESOLUTION) -> torch.Tensor:
-    """All 1,797 digits as (N, 1, resolution, resolution) float32 in [0, 1]."""
-    images = torch.from_numpy(digits_images(resolution)).float().div(255.0)
+def digits_tensor(resolution: int = RESOLUTION, split: str = "train") -> torch.Tensor:
+    """The digits of a split ("train": 1,500) as (N, 1, resolution, resolution) float32 in [0, 1]."""
+    images = torch.from_numpy(digits_images(resolution, split=split)).float().div(255.0)
     return images.unsqueeze(1)
 
 

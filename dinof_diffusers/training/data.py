@@ -41,8 +41,13 @@ def load_training_dataset(run: RunConfig) -> Tuple[Dataset, str]:
         description = f"the images in {run.train_data_dir}"
         _log_imagefolder_size(run.train_data_dir, len(dataset))
     else:
-        dataset = load_digits_dataset(resolution=run.resolution)
-        description = "the scikit-learn handwritten digits (embedded, 1797 images)"
+        dataset = load_digits_dataset(resolution=run.resolution, split=run.digits_split)
+        part = (
+            "all of them"
+            if run.digits_split == "all"
+            else f"the {run.digits_split} part of the fixed 1,500 / 297 split"
+        )
+        description = f"the scikit-learn handwritten digits (embedded; {len(dataset)} images, {part})"
     if run.image_column not in dataset.column_names:
         raise TrainingError(
             f"--image_column {run.image_column!r} is not a column of the data set: {dataset.column_names}."

@@ -37,6 +37,7 @@ from diffusers.optimization import SchedulerType
 
 from ..code_bundle import package_model_index
 from ..config_utils import public_config
+from ..data import DIGITS_SPLITS
 from ..hub_utils import is_local_path, model_file
 from ..models.flow_prior import FlowPriorModel
 from ..models.ncsnpp import NCSNppModel
@@ -115,6 +116,12 @@ class RunConfig:
         "Check that every image decodes before training and stop with the list of those that do not; by default an "
         "unreadable image is logged and replaced by the next readable one.",
         action="store_true",
+    )
+    digits_split: Optional[str] = _flag(
+        None,
+        "The embedded digits only: which part of their fixed 1,500 / 297 split to train on. Default: train, so that "
+        "the 297 test digits stay held out for evaluation (evaluate.py --digits_split test); all: the 1,797.",
+        choices=DIGITS_SPLITS,
     )
     image_column: str = _flag("image", "The data set column holding the images.")
     cache_dir: Optional[str] = _flag(None, "Where downloaded data sets and models are stored.")
@@ -345,6 +352,8 @@ def resolve_run_config(args) -> RunConfig:
         raise TrainingError(str(error)) from None
     if flags["pretrained_model_name_or_path"] is None and flags["unet_config"] is None:
         flags["unet_config"] = "tiny"
+    if flags["dataset_name"] is None and flags["train_data_dir"] is None and flags["digits_split"] is None:
+        flags["digits_split"] = "train"
 
     source = _score_network_source(flags)
     resolved = _resolve_score_network(flags, source)
@@ -381,6 +390,8 @@ def _check_flags(flags: Dict[str, Any], defaults: Dict[str, Any]) -> None:
             raise ValueError(f"--{flag} needs --{other}: {reason}.")
 
     exclusive("dataset_name", "train_data_dir", "give one of them (or neither for the embedded digits)")
+    for data_flag in ("dataset_name", "train_data_dir"):
+        exclusive("digits_split", data_flag, "--digits_split chooses among the embedded digits")
     exclusive("unet_config", "pretrained_model_name_or_path", "a pretrained UNet has a config")
     needs("dataset_config_name", "dataset_name", "it is the configuration of that data set")
     needs("revision", "pretrained_model_name_or_path", "it is the revision of that model")
