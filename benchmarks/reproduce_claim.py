@@ -4,45 +4,54 @@
 
 The claim (Zand et al., TMLR 2024): a normalizing flow that samples x(t*), t* = 0.6 T, lets the predictor-corrector
 sampler skip the first 40% of the reverse SDE, i.e. 60% of the network evaluations, without losing sample quality.
-This script tests it end to end on the scikit-learn digits (16x16, one channel, no download):
+This script tests it end to end on the scikit-learn digits (16x16, one channel, no download), with the two choices
+named as everywhere in this package: the *prior* that starts the reverse process and the *sampler* that runs it.
 
 1. Train a VE and a VP model with `training_scripts/train.py` under `accelerate launch` (joint training of score
    network and flow prior from scratch, the tiny preset; VP uses the tiny UNet with DDPM's positional time embedding,
-   an epsilon predictor), or reuse trained ones (`--reuse_dir`). The score network is trained on the whole time
-   range (`--score_time_range full`; the published recipe stops at t*), so that the baseline sampler, which starts at
-   T, is valid on the same weights.
+   an epsilon predictor) on the 1,500 "train" digits of the fixed split, or reuse trained ones (`--reuse_dir`). The
+   score network is trained on the whole time range (`--score_time_range full`; the published recipe stops at t*),
+   so that the baseline, which starts at T, is valid on the same weights.
 2. On the same trained weights and the same seeds (every dump draws batch b with the seed `batch_seed(seed, b)`, so
-   DiNof and the Gaussian control even share their start noise), sample
-   - `baseline`: the PC sampler (reverse diffusion + one Langevin step) from the SDE prior at T, N steps, 2N NFE;
-   - `dinof`: the flow sample of x(t*), then int(0.6 N) PC steps, 1.2 N NFE (+ one flow pass);
-   - `gaussian` (the control): the same int(0.6 N) PC steps from a plain Gaussian at t* instead of the flow, passed
-     through the pipeline's `prior_sample`. The Gaussian is the moment-matched diagonal approximation of the
-     marginal p_{t*}: per pixel, mean mean_coeff(t*) * mu and variance mean_coeff(t*)^2 * var + std(t*)^2, where mu
-     and var are the per-pixel mean and variance of the training digits (in the model's data range). It has the
-     right first and second moments per pixel and nothing else; whatever DiNof gains over it is the flow's doing.
-   for N = 1000, 500, 200, 100 (the control at the largest N only, by default). For continuous-time models "N" is
-   the number of noise scales of the sampler's discretisation, as in Song et al. (`num_train_timesteps`; the
-   networks are conditioned on the continuous time, so any N is valid).
-3. Score every dump with `compute_metrics` against the 1,797 digits with the offline "dinof-digits" extractor: FID and
-   KID on the digit classifier's features, and the classifier-confidence score (the Inception score with the digit
-   classifier; 1 to 10). A "data" row scores as many real digits the same way: the floor of each metric at this
-   sample count.
-4. Write `results.md` (the table: model, sampler, N, steps, NFE, FID, KID, confidence, s/img; then how far DiNof's
-   and the control's samples lie apart, sample by sample), `results.json`, `quality_vs_nfe.png` (quality against
-   NFE) and one sample grid per row in `grids/`, under `--output_dir`; every file is written atomically. Sample
-   dumps are resumable: an interrupted run continues where it stopped.
+   DiNof and the Gaussian control even share their start noise), sample with the priors
+   - `sde` (the baseline): the SDE prior at T;
+   - `flow` (DiNof): the flow sample of x(t*) (NFE excludes the one flow pass);
+   - `gaussian` (the control): a plain Gaussian at t* instead of the flow, passed through the pipeline's
+     `prior_sample`: the moment-matched diagonal approximation of the marginal p_{t*}, per pixel mean
+     mean_coeff(t*) * mu and variance mean_coeff(t*)^2 * var + std(t*)^2, mu and var those of the training digits
+     (in the model's data range). Whatever DiNof gains over it is the flow's doing;
+   and the samplers
+   - `pc`: reverse diffusion + one Langevin step per step, on Song et al.'s grid of N noise scales: N steps (2N NFE)
+     from T, int(0.6 N) steps (1.2 N NFE) from t*, for N = 1000, 500, 200, 100 (the control at the largest N only);
+   - `heun`: the probability-flow ODE with Heun's method on EDM's noise-level grid (rho = 7), n = 50, 25, 10, 5 steps
+     (NFE 2n - 1: 99, 49, 19, 9), from T and from t*;
+   - `rk45`: the probability-flow ODE with adaptive Dormand-Prince at rtol = atol = 1e-5 (as published; NFE as
+     measured, the batch shares its steps), from T and from t*.
+3. Score every dump with `compute_metrics` against the 297 held-out "test" digits with the offline "dinof-digits"
+   extractor: FID and KID on the digit classifier's features, and the classifier-confidence score (the Inception
+   score with the digit classifier; 1 to 10). The "data" rows score as many real "train" digits the same way (the
+   floor of each metric at this sample count), for several random draws: their spread, and that of the rows repeated
+   with other sampling seeds (`--repeat_seeds`: the PC rows at the smallest N), is the noise of every number.
+4. Bits per dimension of the 297 test digits (8-bit, dequantized, Hutchinson traces, rk45 at 1e-5) under each model
+   with the flow prior at t* (DiNof) and with the SDE prior at T (baseline): means, standard errors over images and
+   the paired difference (`dinof_diffusers.evaluation.evaluate_likelihood`).
+5. Write `results.md` (the quality table: model, prior, sampler, N, steps, NFE, FID, KID, confidence, s/img; the
+   spread; the bits/dim table; how far DiNof's and the control's samples lie apart, sample by sample),
+   `results.json`, `quality_vs_nfe.png` (quality against NFE, PC and ODE on one plot) and one sample grid per row in
+   `grids/`, under `--output_dir`; every file is written atomically. Sample dumps and likelihoods are resumable: an
+   interrupted run continues where it stopped.
 
-    python benchmarks/reproduce_claim.py                      # the full run (make reproduce), ~35 min on 2 cores
+    python benchmarks/reproduce_claim.py                      # the full run (make reproduce), ~45 min on 2 cores
     python benchmarks/reproduce_claim.py --reuse_dir outputs/reproduce/models
-    python benchmarks/reproduce_claim.py --quick --output_dir /tmp/reproduce   # seconds; what the tests run
+    python benchmarks/reproduce_claim.py --quick --output_dir /tmp/reproduce   # a minute; what the tests run
 
-Budget of the full run on 2 CPU cores (measured on a quiet 2-core machine, 2 threads): the tiny UNet costs
-~0.48 ms per image per network evaluation inside the pipeline at 16x16 in a batch of 200 (0.75 ms with one thread);
-one sample of every row of one model takes 6,960 evaluations (baseline 2000 + 1000 + 400 + 200, DiNof 1200 + 600 +
-240 + 120, control 1200), 13,920 for both models, i.e. ~6.7 s per sample: ~22 min for the default 200 samples per
-row. A joint training step at batch 64 takes ~0.15 s: ~8 min for 2 x 1500 steps. With the metrics, ~33 min in all
-(~40 min if the machine is 20% slower). The script measures a forward first and prints its own estimate; sample
-dumps are resumable, so an interrupted run loses at most one dump.
+Budget of the full run on 2 CPU cores (a quiet machine): the tiny UNet costs ~0.5 ms per image per network
+evaluation inside the pipeline at 16x16 in a batch of 200 (0.75 ms with one thread). One sample of every row of one
+model takes ~8,700 evaluations (PC: baseline 3,700, DiNof 2,220, control 1,200; heun 2 x 176; rk45 ~1,100 from T and
+~150 from t*; the repeated seeds 320): ~30 min for both models at the default 200 samples a row. A joint training
+step at batch 64 takes ~0.15 s: ~8 min for 2 x 1500 steps. The likelihoods cost ~400 evaluations with a backward pass
+per test digit and model (~4 min), the metrics ~3 min: ~45 min in all. The script measures a forward first and prints
+its own estimate; an interrupted run loses at most one dump.
 
 Threads: without `--threads` the script uses one thread or torch's default, whichever runs a UNet forward faster at
 that moment (checked at the start and before every dump). On a 2-core machine that other processes also use, torch's
@@ -56,34 +65,41 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
+for folder in (REPO_ROOT, Path(__file__).resolve().parent):  # run as a script from a checkout; the report module
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+from reproduce_report import Row, make_row, write_report  # noqa: E402
 
 from dinof_diffusers.data import digits_images  # noqa: E402
-from dinof_diffusers.evaluation import compute_metrics, generate_samples  # noqa: E402
-from dinof_diffusers.file_utils import atomic_write_path, write_json_atomically, write_text_atomically  # noqa: E402
+from dinof_diffusers.evaluation import compute_metrics, evaluate_likelihood, generate_samples  # noqa: E402
+from dinof_diffusers.file_utils import write_json_atomically  # noqa: E402
 from dinof_diffusers.image_utils import image_grid, save_image_atomically  # noqa: E402
 from dinof_diffusers.pipelines.dinof import DiNofPipeline  # noqa: E402
 from dinof_diffusers.schedulers import DiNofScheduler  # noqa: E402
 from dinof_diffusers.schedulers.scheduling_dinof import num_flow_steps  # noqa: E402
 from dinof_diffusers.training.presets import get_preset  # noqa: E402
-from dinof_diffusers.validation import check_positive_int  # noqa: E402
+from dinof_diffusers.validation import check_int, check_number, check_positive_int  # noqa: E402
 
 TRAIN_SCRIPT = REPO_ROOT / "training_scripts" / "train.py"
 MODELS = ("ve", "vp")
-SAMPLERS = ("baseline", "dinof", "gaussian")
+# Heun's grid: EDM's rho = 7 spacing in the noise level; uniform t is a poor grid for a few steps
+HEUN_SPACING = "karras"
+# rk45's NFE is known only afterwards; these (measured on the trained tiny models at 1e-5) only feed the estimate
+RK45_NFE_GUESS = {"sde": 1000, "flow": 150}
 RESOLUTION = 16
 CHANNELS = 1
 METRICS = ("fid", "kid", "isc")
+REFERENCE = "digits:test"  # the 297 held-out digits; the models learn the 1,500 "train" digits
+TRAIN_SPLIT = "train"
 
 FULL = {
     "max_train_steps": 1500,
@@ -91,6 +107,12 @@ FULL = {
     "num_samples": 200,
     "batch_size": 200,
     "steps": [1000, 500, 200, 100],
+    "heun_steps": [50, 25, 10, 5],
+    "rk45_tolerance": 1e-5,
+    "repeat_seeds": [1],
+    "floor_draws": 10,
+    "likelihood_images": 297,
+    "likelihood_tolerance": 1e-5,
 }
 # VP's discrete betas need beta_max / N < 1, so the quick grids stay above N = 20.
 QUICK = {
@@ -99,32 +121,13 @@ QUICK = {
     "num_samples": 12,
     "batch_size": 12,
     "steps": [40, 25],
+    "heun_steps": [3],
+    "rk45_tolerance": 1e-2,
+    "repeat_seeds": [1],
+    "floor_draws": 2,
+    "likelihood_images": 6,
+    "likelihood_tolerance": 1e-2,
 }
-
-
-@dataclass
-class Row:
-    """One line of the results table."""
-
-    model: str
-    sampler: str
-    n: int
-    steps: int
-    nfe: Optional[float]
-    fid: float
-    kid: float
-    kid_std: float
-    confidence: float
-    confidence_std: float
-    seconds_per_image: Optional[float]
-    num_samples: int
-    samples_dir: str
-    grid: Optional[str]
-    threads: Optional[int] = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.model}-{self.sampler}-N{self.n}" if self.sampler != "data" else "data"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,6 +152,7 @@ def training_arguments(model: str, args, model_dir: Path, unet_config_path: Path
         "--continuous",
         "--num_channels", str(CHANNELS),
         "--resolution", str(RESOLUTION),
+        "--digits_split", TRAIN_SPLIT,
         "--train_component", "joint",
         # the score network learns every t in [eps, T], not only t <= t* as published, so that the baseline sampler
         # (from T) runs on the same weights as DiNof: the comparison is then between samplers, not networks
@@ -297,16 +301,17 @@ def weights_fingerprint(model_dir: Path) -> str:
 
 def data_statistics(low: float, high: float) -> (torch.Tensor, torch.Tensor):
     """Per-pixel mean and variance (1, 1, H, W) of the training digits in the data range [low, high]."""
-    images = torch.from_numpy(digits_images(RESOLUTION)).double() / 255.0 * (high - low) + low
+    images = torch.from_numpy(digits_images(RESOLUTION, split=TRAIN_SPLIT)).double() / 255.0 * (high - low) + low
     return images.mean(0)[None, None], images.var(0, unbiased=True)[None, None]
 
 
 class ClaimSampler:
-    """A `DiNofPipeline` with the start of the reverse SDE chosen by the keyword `start`, for `generate_samples`.
+    """A `DiNofPipeline` with the start of the reverse process chosen by the keyword `start`, for `generate_samples`.
 
     `start="sde"` is the baseline (the SDE prior at T), `"flow"` DiNof, `"gaussian"` the control: x(t*) drawn as
     `control_mean + control_std * noise`, the noise drawn first from the call's generator, exactly where DiNof draws
-    the flow's input noise, so that both see the same random numbers throughout.
+    the flow's input noise, so that both see the same random numbers throughout. Every other keyword (the sampler,
+    its steps) goes to the pipeline.
     """
 
     def __init__(self, pipeline: DiNofPipeline, data_mean: torch.Tensor, data_var: torch.Tensor):
@@ -347,27 +352,42 @@ class ClaimSampler:
         return self.pipeline(batch_size=batch_size, generator=generator, output_type=output_type, **kwargs)
 
 
-def configure_steps(pipeline: DiNofPipeline, base_config: Dict, sampler: str, n: int) -> Dict:
-    """Sets up `pipeline` for N noise scales; returns the extra keywords of the pipeline call.
+def configure_steps(pipeline: DiNofPipeline, base_config: Dict, prior: str, sampler: str, n: int, args) -> Dict:
+    """Sets up `pipeline` for a row; returns the sampler keywords of the pipeline call.
 
-    Continuous-time models get a scheduler with `num_train_timesteps=N` (Song et al.'s N) and its default grid; a
-    discrete model keeps its N and samples n (baseline) or int(flow_start * n) (DiNof) of its steps.
+    PC: continuous-time models get a scheduler with `num_train_timesteps=N` (Song et al.'s N) and its default grid; a
+    discrete model keeps its N and samples n (baseline) or int(flow_start * n) (DiNof) of its steps. The ODE rows keep
+    the scheduler (the ODE needs a continuous-time model; the pipeline says so otherwise).
     """
+    pipeline.scheduler = DiNofScheduler.from_config(base_config)
+    if sampler == "heun":
+        return {"sampler": "ode", "ode_solver": "heun", "num_inference_steps": n, "timestep_spacing": HEUN_SPACING}
+    if sampler == "rk45":
+        return {"sampler": "ode", "ode_solver": "rk45", "rtol": args.rk45_tolerance, "atol": args.rk45_tolerance}
     if base_config["continuous"]:
         pipeline.scheduler = DiNofScheduler.from_config(base_config, num_train_timesteps=n)
         return {}
-    steps = n if sampler == "baseline" else num_flow_steps(n, base_config["flow_start"])
-    pipeline.scheduler = DiNofScheduler.from_config(base_config)
-    return {"num_inference_steps": steps}
+    return {"num_inference_steps": n if prior == "sde" else num_flow_steps(n, base_config["flow_start"])}
 
 
-def row_plan(steps: List[int], control_steps: List[int]) -> List[tuple]:
-    plan = [("baseline", n) for n in steps] + [("dinof", n) for n in steps]
-    return plan + [("gaussian", n) for n in control_steps]
+def row_plan(args) -> List[tuple]:
+    """(prior, sampler, n, seed) of every dump of one model, in order."""
+    plan = [("sde", "pc", n, 0) for n in args.steps] + [("flow", "pc", n, 0) for n in args.steps]
+    plan += [("gaussian", "pc", n, 0) for n in args.control_steps]
+    plan += [(prior, "heun", n, 0) for prior in ("sde", "flow") for n in args.heun_steps]
+    if args.rk45_tolerance:
+        plan += [("sde", "rk45", 0, 0), ("flow", "rk45", 0, 0)]
+    smallest = min(args.steps)
+    return plan + [(prior, "pc", smallest, seed) for seed in args.repeat_seeds for prior in ("sde", "flow")]
 
 
-def nfe_per_sample(sampler: str, n: int, flow_start: float, correct_steps: int) -> int:
-    steps = n if sampler == "baseline" else num_flow_steps(n, flow_start)
+def nfe_per_sample(prior: str, sampler: str, n: int, flow_start: float, correct_steps: int) -> int:
+    """Network evaluations per sample (rk45: `RK45_NFE_GUESS`, for the estimate only)."""
+    if sampler == "heun":
+        return 2 * n - 1
+    if sampler == "rk45":
+        return RK45_NFE_GUESS["sde" if prior == "sde" else "flow"]
+    steps = n if prior == "sde" else num_flow_steps(n, flow_start)
     return steps * (1 + correct_steps)
 
 
@@ -397,7 +417,7 @@ def save_grid(samples_dir: Path, path: Path, count: int = 64) -> str:
 def score(samples_dir: Path, args) -> Dict[str, float]:
     return compute_metrics(
         samples_dir,
-        reference="digits",
+        reference=REFERENCE,
         feature_extractor="dinof-digits",
         metrics=METRICS,
         batch_size=256,
@@ -405,15 +425,15 @@ def score(samples_dir: Path, args) -> Dict[str, float]:
     )
 
 
-def data_floor(args, output_dir: Path) -> Row:
-    """Scores `num_samples` real digits (drawn without replacement) like a dump: the floor of every metric."""
+def data_floor(args, output_dir: Path, draw: int) -> Row:
+    """Scores `num_samples` real training digits (a random draw, without replacement) like a dump: the floor of every
+    metric against the held-out reference, and, over the draws, its noise at this sample count."""
     from PIL import Image
 
-    folder = output_dir / "samples" / "data"
-    images = digits_images(RESOLUTION)
-    indices = np.random.default_rng(args.seed).choice(
-        len(images), size=min(args.num_samples, len(images)), replace=False
-    )
+    folder = output_dir / "samples" / "data" / f"draw-{draw}"
+    images = digits_images(RESOLUTION, split=TRAIN_SPLIT)
+    size = min(args.num_samples, len(images))
+    indices = np.random.default_rng([args.seed, draw]).choice(len(images), size=size, replace=False)
     marker = folder / "indices.json"
     if not (marker.is_file() and json.loads(marker.read_text()) == indices.tolist()):
         for stale in folder.glob("*.png"):
@@ -422,189 +442,46 @@ def data_floor(args, output_dir: Path) -> Row:
             save_image_atomically(Image.fromarray(images[index], mode="L"), folder / f"{position:06d}.png")
         write_json_atomically(indices.tolist(), marker)
     metrics = score(folder, args)
-    grid = save_grid(folder, output_dir / "grids" / "data.png")
-    return make_row("data", "data", 0, 0, 0, metrics, None, len(indices), folder, grid)
-
-
-def make_row(model, sampler, n, steps, nfe, metrics, seconds, num_samples, samples_dir, grid) -> Row:
-    return Row(
-        model=model,
-        sampler=sampler,
-        n=n,
-        steps=steps,
-        nfe=nfe,
-        fid=metrics["frechet_inception_distance"],
-        kid=metrics["kernel_inception_distance_mean"],
-        kid_std=metrics["kernel_inception_distance_std"],
-        confidence=metrics["classifier_confidence_score_mean"],
-        confidence_std=metrics["classifier_confidence_score_std"],
-        seconds_per_image=seconds,
-        num_samples=num_samples,
-        samples_dir=str(samples_dir),
-        grid=grid,
-    )
-
-
-def load_dump(samples_dir: Path) -> np.ndarray:
-    from PIL import Image
-
-    files = sorted(Path(samples_dir).glob("[0-9]*.png"))
-    return np.stack([np.asarray(Image.open(file), dtype=np.float64) for file in files])
-
-
-def paired_differences(rows: List[Row]) -> List[Dict]:
-    """How much the start changes the output, sample by sample (the dumps share their seeds).
-
-    For every DiNof dump with a control dump of the same model and N: the mean absolute pixel difference (grey levels,
-    0 to 255) between sample i of the two dumps, and the fraction of samples that are identical. Both run the same
-    steps with the same noise, only x(t*) differs; the reverse SDE can forget where it started, and then both end in
-    (nearly) the same image. (The baseline draws other noise at the same steps, so it is not compared this way.)
-    """
-    by_key = {(row.model, row.sampler, row.n): row for row in rows}
-    results = []
-    for (model, sampler, n), row in by_key.items():
-        if sampler != "dinof":
-            continue
-        dinof = load_dump(row.samples_dir)
-        if (model, "gaussian", n) not in by_key:
-            continue
-        images = load_dump(by_key[(model, "gaussian", n)].samples_dir)
-        count = min(len(images), len(dinof))
-        difference = np.abs(dinof[:count] - images[:count]).reshape(count, -1)
-        results.append(
-            {
-                "model": model,
-                "n": n,
-                "mean_abs_difference": float(difference.mean()),
-                "identical_fraction": float((difference.max(axis=1) == 0).mean()),
-            }
-        )
-    return results
+    grid = save_grid(folder, output_dir / "grids" / "data.png") if draw == 0 else None
+    return make_row("data", "data", "data", 0, 0, 0, metrics, None, size, folder, grid, seed=draw)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Report
+# Likelihood
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def markdown_table(rows: List[Row], header: str) -> str:
-    lines = [
-        header,
-        "",
-        "| model | sampler | N | steps | NFE | FID | KID | confidence | s/img |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        nfe = "-" if row.sampler == "data" else f"{row.nfe:.0f}"
-        seconds = "-" if row.seconds_per_image is None else f"{row.seconds_per_image:.3f}"
-        n = "-" if row.sampler == "data" else str(row.n)
-        steps = "-" if row.sampler == "data" else str(row.steps)
-        lines.append(
-            f"| {row.model} | {row.sampler} | {n} | {steps} | {nfe} | {row.fid:.2f} | "
-            f"{row.kid:.4f} ± {row.kid_std:.4f} "
-            f"| {row.confidence:.2f} | {seconds} |"
-        )
-    return "\n".join(lines) + "\n"
+def held_out_digits(count: int) -> torch.Tensor:
+    """The first `count` held-out digits at the models' resolution, (N, 1, 16, 16) float in [0, 1] (k / 255)."""
+    return torch.from_numpy(digits_images(RESOLUTION, split="test")[:count]).float().div(255.0).unsqueeze(1)
 
 
-def plot_quality(rows: List[Row], path: Path) -> None:
-    """FID, KID and confidence against NFE: one line per model and sampler, the control as crosses, data dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    panels = (("fid", "FID (digit-classifier features)"), ("kid", "KID"), ("confidence", "classifier confidence"))
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colors = {"ve": "tab:blue", "vp": "tab:orange"}
-    styles = {"baseline": ("o", "-"), "dinof": ("s", "--"), "gaussian": ("X", "")}
-    data = [row for row in rows if row.sampler == "data"]
-    for axis, (key, label) in zip(axes, panels):
-        for model in sorted({row.model for row in rows if row.sampler != "data"}):
-            for sampler in SAMPLERS:
-                selected = sorted(
-                    (row for row in rows if (row.model, row.sampler) == (model, sampler)), key=lambda row: row.nfe
-                )
-                if not selected:
-                    continue
-                marker, line = styles[sampler]
-                # KID comes with the standard deviation over its subsets
-                errors = [row.kid_std for row in selected] if key == "kid" else None
-                axis.errorbar(
-                    [row.nfe for row in selected],
-                    [getattr(row, key) for row in selected],
-                    yerr=errors,
-                    marker=marker,
-                    linestyle=line or "none",
-                    color=colors.get(model),
-                    markersize=9 if sampler == "gaussian" else 6,
-                    capsize=3,
-                    label=f"{model} {sampler}",
-                )
-        for row in data:
-            axis.axhline(getattr(row, key), color="grey", linestyle=":", label=f"real digits (n = {row.num_samples})")
-        axis.set_xscale("log")
-        axis.set_xticks(sorted({row.nfe for row in rows if row.sampler != "data"}))
-        axis.xaxis.set_major_formatter(ScalarFormatter())
-        axis.xaxis.set_minor_formatter(NullFormatter())
-        axis.tick_params(axis="x", labelrotation=45)
-        axis.set_xlabel("NFE per sample (score-network evaluations)")
-        axis.set_ylabel(label)
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle("DiNof (flow prior at t* = 0.6) vs the PC baseline and a Gaussian start at t*, digits 16x16")
-    figure.tight_layout()
-    try:
-        with atomic_write_path(path) as temporary_path:
-            figure.savefig(temporary_path, dpi=110)
-    finally:
-        plt.close(figure)
-
-
-def write_report(rows: List[Row], meta: Dict, output_dir: Path) -> None:
-    header = "\n".join(
-        [
-            "# DiNof on the digits: quality against network evaluations",
-            "",
-            f"{meta['num_samples']} samples per row, seed {meta['seed']} (the same seeds for every row); models "
-            f"trained for {meta['max_train_steps']} joint steps (tiny preset, 16x16x1). Metrics: torch-fidelity with "
-            "the offline `dinof-digits` extractor against the 1,797 digits; FID and KID on the digit classifier's "
-            "features, confidence = the Inception score computed with the digit classifier (1 to 10, higher is "
-            "better). With this few samples FID is biased upwards: compare rows with each other and with the `data` "
-            "row (real digits, same count), not with published numbers.",
-            "",
-            "Samplers: `baseline` = PC (reverse diffusion + 1 Langevin step) from the SDE prior at T, N steps; "
-            "`dinof` = flow sample of x(t*), t* = 0.6, then int(0.6 N) PC steps (NFE excludes the one flow pass); "
-            "`gaussian` = the same steps from the moment-matched diagonal Gaussian of x(t*) (per-pixel mean "
-            "mean_coeff * mu, variance mean_coeff^2 * var + std^2 of the training digits), no flow. s/img is "
-            "wall-clock time per image.",
-        ]
-    )
-    pairs = paired_differences(rows)
-    text = markdown_table(rows, header)
-    if pairs:
-        lines = [
-            "",
-            "`dinof` vs `gaussian`, sample by sample: the same steps and the same noise, only x(t*) differs. Mean "
-            "absolute difference of sample i of the two dumps (grey levels, 0 to 255) and the fraction of identical "
-            "samples. A small difference means the reverse SDE from t* forgets its start (with common noise, "
-            "trajectories from different starts converge): there, the flow cannot matter.",
-            "",
-            "| model | N | mean abs difference | identical |",
-            "|---|---:|---:|---:|",
-        ]
-        for pair in pairs:
-            lines.append(
-                f"| {pair['model']} | {pair['n']} | {pair['mean_abs_difference']:.3f} | "
-                f"{pair['identical_fraction']:.2f} |"
-            )
-        text += "\n".join(lines) + "\n"
-    write_text_atomically(text, output_dir / "results.md")
-    report = {"meta": meta, "rows": [asdict(row) for row in rows], "paired_differences": pairs}
-    write_json_atomically(report, output_dir / "results.json")
-    if any(row.sampler != "data" for row in rows):
-        plot_quality(rows, output_dir / "quality_vs_nfe.png")
+def model_likelihood(model: str, pipeline: DiNofPipeline, fingerprint: str, args, output_dir: Path) -> Dict:
+    """Bits per dimension of the test digits with the flow prior and with the SDE prior; cached by weights and
+    settings in `likelihood/<model>.json`, so that a rerun does not redo it."""
+    identity = {
+        "weights": fingerprint,
+        "num_images": args.likelihood_images,
+        "batch_size": args.likelihood_batch_size,
+        "seed": args.seed,
+        "tolerance": args.likelihood_tolerance,
+    }
+    path = output_dir / "likelihood" / f"{model}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("identity") == identity:
+            return cached["result"]
+    tqdm.write(f"[{model}] bits/dim of {args.likelihood_images} test digits, flow prior and SDE prior")
+    result = evaluate_likelihood(
+        pipeline,
+        held_out_digits(args.likelihood_images),
+        batch_size=args.likelihood_batch_size,
+        seed=args.seed,
+        rtol=args.likelihood_tolerance,
+        atol=args.likelihood_tolerance,
+    ).to_dict()
+    write_json_atomically({"identity": identity, "result": result}, path)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -617,7 +494,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--output_dir", type=str, default="outputs/reproduce", help="Models, samples and report.")
-    parser.add_argument("--quick", action="store_true", help="A few training steps, samples and steps: seconds.")
+    parser.add_argument("--quick", action="store_true", help="A few training steps, samples and steps: a minute.")
     parser.add_argument(
         "--reuse_dir",
         type=str,
@@ -626,17 +503,38 @@ def parse_args(argv=None):
         "baseline their score networks must have been trained up to T (train.py --score_time_range full).",
     )
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--max_train_steps", type=int, default=None, help=f"full {FULL['max_train_steps']}")
-    parser.add_argument("--train_batch_size", type=int, default=None, help=f"full {FULL['train_batch_size']}")
+    full = {key: f"full {value}" for key, value in FULL.items()}
+    parser.add_argument("--max_train_steps", type=int, default=None, help=full["max_train_steps"])
+    parser.add_argument("--train_batch_size", type=int, default=None, help=full["train_batch_size"])
     parser.add_argument("--train_seed", type=int, default=0)
-    parser.add_argument("--num_samples", type=int, default=None, help=f"Samples per row; full {FULL['num_samples']}")
-    parser.add_argument("--batch_size", type=int, default=None, help=f"Sampling batch; full {FULL['batch_size']}")
-    parser.add_argument(
-        "--steps", type=int, nargs="+", default=None, help=f"The N of every sampler; full {FULL['steps']}"
-    )
+    parser.add_argument("--num_samples", type=int, default=None, help=f"Samples per row; {full['num_samples']}")
+    parser.add_argument("--batch_size", type=int, default=None, help=f"Sampling batch; {full['batch_size']}")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help=f"PC's N; {full['steps']}")
     parser.add_argument(
         "--control_steps", type=int, nargs="*", default=None, help="The N of the Gaussian control; default the largest"
     )
+    parser.add_argument("--heun_steps", type=int, nargs="*", default=None, help=f"Heun's steps; {full['heun_steps']}")
+    parser.add_argument(
+        "--rk45_tolerance",
+        type=float,
+        default=None,
+        help=f"rk45's rtol = atol, 0 for no rk45 rows; {full['rk45_tolerance']}",
+    )
+    parser.add_argument(
+        "--repeat_seeds", type=int, nargs="*", default=None,
+        help=f"More sampling seeds for the PC rows at the smallest N (the spread); {full['repeat_seeds']}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--floor_draws", type=int, default=None, help=f"Random draws of real digits scored; {full['floor_draws']}"
+    )
+    parser.add_argument(
+        "--likelihood_images", type=int, default=None,
+        help=f"Test digits whose bits/dim are measured (of 297), 0 for none; {full['likelihood_images']}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--likelihood_tolerance", type=float, default=None, help=f"rk45's rtol = atol; {full['likelihood_tolerance']}"
+    )
+    parser.add_argument("--likelihood_batch_size", type=int, default=100, help="Test digits per ODE solve.")
     parser.add_argument("--seed", type=int, default=0, help="Sampling seed (the same for every row) and metric seed.")
     parser.add_argument(
         "--threads",
@@ -653,15 +551,25 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     try:
-        for key in ("max_train_steps", "train_batch_size", "num_samples", "batch_size"):
+        for key in ("max_train_steps", "train_batch_size", "num_samples", "batch_size", "floor_draws",
+                    "likelihood_batch_size"):  # fmt: skip
             check_positive_int(getattr(args, key), f"--{key}")
+        check_int(args.likelihood_images, "--likelihood_images", minimum=0)
+        check_number(args.rk45_tolerance, "--rk45_tolerance", minimum=0.0)
+        check_number(args.likelihood_tolerance, "--likelihood_tolerance", minimum=0.0, exclusive_minimum=True)
     except ValueError as error:
         parser.error(str(error))
+    if args.likelihood_images > FULL["likelihood_images"]:
+        parser.error(f"--likelihood_images must be at most {FULL['likelihood_images']} (the test digits).")
     if args.num_samples < 2:
         parser.error("--num_samples must be >= 2 (FID and KID need two samples).")
     if any(n < 2 for n in args.steps):
         parser.error("--steps must all be >= 2.")
+    if any(n < 1 for n in args.heun_steps):
+        parser.error("--heun_steps must all be >= 1.")
     args.steps = sorted(set(args.steps), reverse=True)
+    args.heun_steps = sorted(set(args.heun_steps), reverse=True)
+    args.repeat_seeds = sorted(set(args.repeat_seeds) - {0})
     if args.control_steps is None:
         args.control_steps = [args.steps[0]]
     return args
@@ -708,21 +616,20 @@ def main(argv=None) -> List[Row]:
     fingerprints = {model: weights_fingerprint(model_dir) for model, model_dir in model_dirs.items()}
 
     # the plan, and what it will cost
-    plan = [(model, sampler, n) for model in pipelines for sampler, n in row_plan(args.steps, args.control_steps)]
+    plan = [(model, *row) for model in pipelines for row in row_plan(args)]
     total_nfe = 0
-    for model, sampler, n in plan:
+    for model, prior, sampler, n, _ in plan:
         config = pipelines[model].scheduler.config
         correct_steps = config["correct_steps"] if config["corrector"] != "none" else 0
-        total_nfe += nfe_per_sample(sampler, n, config["flow_start"], correct_steps)
+        total_nfe += nfe_per_sample(prior, sampler, n, config["flow_start"], correct_steps)
     forward = seconds_per_forward(next(iter(pipelines.values())), min(args.batch_size, args.num_samples))
     estimate = total_nfe * args.num_samples * forward
     tqdm.write(
-        f"plan: {len(plan)} dumps of {args.num_samples} samples, {total_nfe} NFE per sample over all of them; UNet "
+        f"plan: {len(plan)} dumps of {args.num_samples} samples, ~{total_nfe} NFE per sample over all of them; UNet "
         f"forward {forward * 1e3:.2f} ms per image at batch {min(args.batch_size, args.num_samples)}: sampling "
         f"~{estimate / 60:.1f} min"
     )
 
-    rows: List[Row] = []
     meta = {
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
@@ -731,6 +638,11 @@ def main(argv=None) -> List[Row]:
         "train_batch_size": args.train_batch_size,
         "steps": args.steps,
         "control_steps": args.control_steps,
+        "heun_steps": args.heun_steps,
+        "heun_spacing": HEUN_SPACING,
+        "rk45_tolerance": args.rk45_tolerance,
+        "repeat_seeds": args.repeat_seeds,
+        "reference": REFERENCE,
         "models": {model: str(path) for model, path in model_dirs.items()},
         "weights_fingerprints": fingerprints,
         "quick": args.quick,
@@ -741,56 +653,66 @@ def main(argv=None) -> List[Row]:
         "estimated_sampling_seconds": estimate,
         "control": "moment-matched diagonal Gaussian of x(t*): per pixel N(mean_coeff * mu, mean_coeff^2 var + std^2)",
     }
-    rows.append(data_floor(args, output_dir))
+    rows: List[Row] = [data_floor(args, output_dir, draw) for draw in range(args.floor_draws)]
+    likelihoods: Dict[str, Dict] = {}
     sampling_start = time.perf_counter()
     with tqdm(plan, desc="dumps", unit="dump") as bar:
-        for model, sampler, n in bar:
-            bar.set_postfix_str(f"{model} {sampler} N={n}")
+        for model, prior, sampler, n, seed in bar:
+            bar.set_postfix_str(f"{model} {prior} {sampler} {n or ''} seed {seed}")
             pick_threads(repeats=2)
             pipeline = pipelines[model]
             base_config = dict(pipeline.scheduler.config)
-            extra = configure_steps(pipeline, base_config, sampler, n)
-            sampler_kwargs = {
-                "start": {"baseline": "sde", "dinof": "flow", "gaussian": "gaussian"}[sampler],
-                "weights": fingerprints[model],
-                **extra,
-            }
+            sampler_kwargs = configure_steps(pipeline, base_config, prior, sampler, n, args)
             data_mean, data_var = data_statistics(*pipeline.scheduler.data_range)
-            samples_dir = output_dir / "samples" / model / f"{sampler}-N{n}"
+            name = f"{prior}-{sampler}" + (f"-{n}" if n else "") + (f"-s{seed}" if seed else "")
+            samples_dir = output_dir / "samples" / model / name
             try:
                 dump = generate_samples(
                     ClaimSampler(pipeline, data_mean, data_var),
                     samples_dir,
                     num_samples=args.num_samples,
                     batch_size=args.batch_size,
-                    seed=args.seed,
+                    seed=args.seed + seed,
                     overwrite=True,
+                    start=prior,
+                    weights=fingerprints[model],
                     **sampler_kwargs,
                 )
             finally:
                 pipeline.scheduler = DiNofScheduler.from_config(base_config)
-            steps = nfe_per_sample(sampler, n, base_config["flow_start"], 0)
+            if sampler == "pc":
+                steps = nfe_per_sample(prior, sampler, n, base_config["flow_start"], 0)
+            else:
+                steps = n
             metrics = score(samples_dir, args)
-            grid = save_grid(samples_dir, output_dir / "grids" / f"{model}-{sampler}-N{n}.png")
+            grid = save_grid(samples_dir, output_dir / "grids" / f"{model}-{name}.png") if not seed else None
             row = make_row(
-                model, sampler, n, steps, dump["nfe"], metrics, dump["seconds_per_image"], args.num_samples,
-                samples_dir, grid,
+                model, prior, sampler, n, steps, dump["nfe"], metrics, dump["seconds_per_image"], args.num_samples,
+                samples_dir, grid, seed=seed,
             )  # fmt: skip
             row.threads = torch.get_num_threads()
             rows.append(row)
             tqdm.write(
-                f"{row.name:>22}: NFE {row.nfe:6.0f}  FID {row.fid:8.2f}  KID {row.kid:.4f}  confidence "
+                f"{row.name:>26}: NFE {row.nfe:6.0f}  FID {row.fid:8.2f}  KID {row.kid:.4f}  confidence "
                 f"{row.confidence:.2f}  {row.seconds_per_image:.3f} s/img"
             )
             meta.update(phases, sampling_seconds=time.perf_counter() - sampling_start)
-            write_report(rows, meta, output_dir)  # after every dump: a long run shows its progress
+            write_report(rows, likelihoods, meta, output_dir)  # after every dump: a long run shows its progress
+    phases["sampling_seconds"] = time.perf_counter() - sampling_start
+    if args.likelihood_images:
+        likelihood_start = time.perf_counter()
+        for model, pipeline in pipelines.items():
+            pick_threads(repeats=2)
+            likelihoods[model] = model_likelihood(model, pipeline, fingerprints[model], args, output_dir)
+            write_report(rows, likelihoods, meta, output_dir)
+        phases["likelihood_seconds"] = time.perf_counter() - likelihood_start
     phases["total_seconds"] = time.perf_counter() - start
-    meta.update(phases, sampling_seconds=time.perf_counter() - sampling_start)
-    write_report(rows, meta, output_dir)
+    meta.update(phases)
+    write_report(rows, likelihoods, meta, output_dir)
     tqdm.write(
         f"wrote {output_dir / 'results.md'} and {output_dir / 'quality_vs_nfe.png'} in {phases['total_seconds']:.0f} s"
     )
-    print(markdown_table(rows, ""))
+    print((output_dir / "results.md").read_text())
     return rows
 
 

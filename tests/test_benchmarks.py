@@ -101,12 +101,24 @@ def reproduce():
 
 
 def test_plan_and_nfe(reproduce):
-    plan = reproduce.row_plan([1000, 500], [1000])
-    assert plan == [("baseline", 1000), ("baseline", 500), ("dinof", 1000), ("dinof", 500), ("gaussian", 1000)]
-    assert reproduce.nfe_per_sample("baseline", 1000, 0.6, 1) == 2000
-    assert reproduce.nfe_per_sample("dinof", 1000, 0.6, 1) == 1200
-    assert reproduce.nfe_per_sample("gaussian", 100, 0.6, 1) == 120
-    assert reproduce.nfe_per_sample("dinof", 500, 0.6, 0) == 300
+    args = reproduce.parse_args(["--steps", "1000", "500", "--heun_steps", "5", "50", "--repeat_seeds", "0", "2"])
+    assert args.control_steps == [1000] and args.repeat_seeds == [2] and args.rk45_tolerance == 1e-5
+    assert reproduce.row_plan(args) == [
+        ("sde", "pc", 1000, 0), ("sde", "pc", 500, 0), ("flow", "pc", 1000, 0), ("flow", "pc", 500, 0),
+        ("gaussian", "pc", 1000, 0), ("sde", "heun", 50, 0), ("sde", "heun", 5, 0), ("flow", "heun", 50, 0),
+        ("flow", "heun", 5, 0), ("sde", "rk45", 0, 0), ("flow", "rk45", 0, 0), ("sde", "pc", 500, 2),
+        ("flow", "pc", 500, 2),
+    ]  # fmt: skip
+    args = reproduce.parse_args(["--rk45_tolerance", "0", "--heun_steps", "--repeat_seeds"])
+    assert all(sampler == "pc" and seed == 0 for _, sampler, _, seed in reproduce.row_plan(args))
+    assert reproduce.nfe_per_sample("sde", "pc", 1000, 0.6, 1) == 2000
+    assert reproduce.nfe_per_sample("flow", "pc", 1000, 0.6, 1) == 1200
+    assert reproduce.nfe_per_sample("gaussian", "pc", 100, 0.6, 1) == 120
+    assert reproduce.nfe_per_sample("flow", "pc", 500, 0.6, 0) == 300
+    assert reproduce.nfe_per_sample("flow", "heun", 10, 0.6, 1) == 19  # the last step is Euler's
+    for flags in (["--likelihood_images", "298"], ["--rk45_tolerance", "-1"], ["--heun_steps", "0"]):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(flags)
 
 
 @pytest.mark.parametrize("sde_type", ["ve", "vp"])
@@ -137,30 +149,51 @@ def test_reproduce_quick_end_to_end(tmp_path):
     assert not list(output_dir.rglob(".tmp-*"))
     for model in ("ve", "vp"):
         assert (output_dir / "models" / model / "model_index.json").is_file()
-        # the baseline starts at T: the score network must have been trained there too
+        # the baseline starts at T: the score network must have been trained there too; on the train digits only
         arguments = json.loads((output_dir / "models" / f"{model}.training.json").read_text())["arguments"]
         assert arguments[arguments.index("--score_time_range") + 1] == "full"
         assert arguments[arguments.index("--sde") + 1] == model
+        assert arguments[arguments.index("--digits_split") + 1] == "train"
 
     report = json.loads((output_dir / "results.json").read_text())
-    rows = report["rows"]
-    data = [row for row in rows if row["sampler"] == "data"]
-    assert len(data) == 1
-    steps = report["meta"]["steps"]
-    expected = {(m, s, n) for m in ("ve", "vp") for s in ("baseline", "dinof") for n in steps}
-    expected |= {(m, "gaussian", max(steps)) for m in ("ve", "vp")}
-    generated = [row for row in rows if row["sampler"] != "data"]
-    assert {(row["model"], row["sampler"], row["n"]) for row in generated} == expected
+    meta, rows = report["meta"], report["rows"]
+    assert meta["reference"] == "digits:test"
+    data = [row for row in rows if row["prior"] == "data"]
+    assert len(data) == 2 and report["spread"]["data"]["fid"]["draws"] == 2
+    steps, heun = meta["steps"], meta["heun_steps"]
+    expected = {(m, p, "pc", n, 0) for m in ("ve", "vp") for p in ("sde", "flow") for n in steps}
+    expected |= {(m, "gaussian", "pc", max(steps), 0) for m in ("ve", "vp")}
+    expected |= {(m, p, "heun", n, 0) for m in ("ve", "vp") for p in ("sde", "flow") for n in heun}
+    expected |= {(m, p, "rk45", 0, 0) for m in ("ve", "vp") for p in ("sde", "flow")}
+    expected |= {(m, p, "pc", min(steps), 1) for m in ("ve", "vp") for p in ("sde", "flow")}
+    generated = [row for row in rows if row["prior"] != "data"]
+    assert sorted((r["model"], r["prior"], r["sampler"], r["n"], r["seed"]) for r in generated) == sorted(expected)
     for row in generated:
-        steps_expected = row["n"] if row["sampler"] == "baseline" else int(0.6 * row["n"] + 1e-9)
-        assert row["steps"] == steps_expected and row["nfe"] == 2 * steps_expected, row  # one Langevin step each
-        assert row["seconds_per_image"] > 0 and row["num_samples"] == report["meta"]["num_samples"]
-        assert (Path(row["grid"])).is_file()
+        if row["sampler"] == "pc":
+            steps_expected = row["n"] if row["prior"] == "sde" else int(0.6 * row["n"] + 1e-9)
+            assert row["steps"] == steps_expected and row["nfe"] == 2 * steps_expected, row  # one Langevin step each
+        elif row["sampler"] == "heun":
+            assert row["steps"] == row["n"] and row["nfe"] == 2 * row["n"] - 1, row
+        else:
+            assert row["nfe"] >= 6, row  # rk45: at least one accepted step of 6 evaluations (+ the first)
+        assert row["seconds_per_image"] > 0 and row["num_samples"] == meta["num_samples"]
+        assert row["grid"] is None if row["seed"] else Path(row["grid"]).is_file()
         assert len(list(Path(row["samples_dir"]).glob("*.png"))) == row["num_samples"]
     for row in rows:
         for key in ("fid", "kid", "confidence"):
-            assert math.isfinite(row[key]), (row["model"], row["sampler"], key)
+            assert math.isfinite(row[key]), (row["model"], row["prior"], row["sampler"], key)
         assert 1.0 <= row["confidence"] <= 10.0 + 1e-6
+    assert len(report["spread"]["repeats"]) == 4
+
+    likelihood = report["likelihood"]
+    assert set(likelihood) == {"ve", "vp"}
+    for result in likelihood.values():
+        flow, sde, difference = result["priors"]["flow"], result["priors"]["sde"], result["difference"]
+        assert flow["num_images"] == sde["num_images"] == result["num_images"] == 6
+        assert math.isclose(difference["bits_per_dim"], flow["bits_per_dim"] - sde["bits_per_dim"], abs_tol=1e-9)
+        for estimate in (flow, sde, difference):
+            assert math.isfinite(estimate["bits_per_dim"]) and estimate["bits_per_dim_se"] > 0
+        assert result["nfe"]["flow"] > 0 and result["nfe"]["sde"] > 0
 
     pairs = report["paired_differences"]
     assert {(pair["model"], pair["n"]) for pair in pairs} == {(m, max(steps)) for m in ("ve", "vp")}
@@ -168,6 +201,9 @@ def test_reproduce_quick_end_to_end(tmp_path):
         assert 0 <= pair["mean_abs_difference"] <= 255 and 0 <= pair["identical_fraction"] <= 1
 
     table = (output_dir / "results.md").read_text()
-    assert "| model | sampler | N | steps | NFE | FID | KID | confidence | s/img |" in table
-    assert table.count("\n| v") == len(generated) + len(pairs)  # the quality table, then the paired differences
+    assert "| model | prior | sampler | N | steps | NFE | FID | KID | confidence | s/img |" in table
+    main_rows = [row for row in generated if row["seed"] == 0]
+    # the quality table, the repeats, the bits/dim table, then the paired differences
+    assert table.count("\n| v") == len(main_rows) + 4 + 2 + len(pairs)
+    assert "DiNof - baseline" in table
     assert "sampling ~" in result.stdout + result.stderr  # the cost estimate is shown before sampling

@@ -1,5 +1,6 @@
 """Sample generation (resumable, sharded across processes under `accelerate launch`) and torch-fidelity metrics for
-DiNof pipelines (offline digits and DINOv2 feature extractors), and the flow-gain / headroom diagnostic."""
+DiNof pipelines (offline digits and DINOv2 feature extractors), the bits per dimension of a data set (flow prior and SDE prior side by side), and the flow-gain / headroom
+diagnostic."""
 
 from .digits_classifier import (
     DIGITS_FEATURE_EXTRACTOR_NAME,
@@ -31,12 +32,14 @@ from .flow_gain import (
     mixture_log_prob,
     prior_log_prob,
 )
+from .likelihood import LIKELIHOOD_PRIORS, LikelihoodResult, evaluate_likelihood
 from .metrics import (
     SUPPORTED_METRICS,
     compute_metrics,
     dataset_reference_folder,
     default_feature_extractor,
     digits_reference_folder,
+    is_digits_reference,
     prepare_metrics,
     registered_feature_extractors,
     resolve_reference,
@@ -56,11 +59,13 @@ __all__ = [
     "DIGITS_FEATURE_EXTRACTOR_NAME",
     "DINOV2_FEATURE_EXTRACTOR_NAME",
     "DINOV2_MODEL_IDS",
+    "LIKELIHOOD_PRIORS",
     "SUPPORTED_METRICS",
     "DigitsClassifier",
     "EvaluationError",
     "Estimate",
     "FlowGainResult",
+    "LikelihoodResult",
     "FeatureExtractorDigits",
     "FeatureExtractorDinov2HF",
     "batch_seed",
@@ -71,11 +76,13 @@ __all__ = [
     "default_feature_extractor",
     "digits_classifier_info",
     "diffuse_images",
+    "evaluate_likelihood",
     "digits_reference_folder",
     "dump_files",
     "flow_gain",
     "generate_samples",
     "images_to_tensor",
+    "is_digits_reference",
     "load_digits_classifier",
     "load_dinov2_model",
     "mean_estimate",

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..file_utils import atomic_folder_path
+from ..validation import check_choice
 from .digits_classifier import (
     DIGITS_FEATURE_EXTRACTOR_NAME,
     default_cache_dir,
@@ -55,25 +56,36 @@ def _write_image_folder_atomically(folder: Path, images: Iterable[Image.Image], 
 
 
 def digits_reference_folder(
-    resolution: Optional[int] = None, cache_dir: Optional[Union[str, os.PathLike]] = None
+    resolution: Optional[int] = None, cache_dir: Optional[Union[str, os.PathLike]] = None, split: str = "all"
 ) -> Path:
-    """The 1,797 embedded digits as PNGs (mode "L"), cached under `cache_dir/references/`.
+    """The embedded digits (all 1,797, or the "train" / "test" part of their fixed split) as PNGs (mode "L"), cached
+    under `cache_dir/references/`.
 
     Args:
         resolution: side length (PIL bilinear, as `dinof_diffusers.data.digits_images`); `None` keeps 8x8.
         cache_dir: default `default_cache_dir()`.
+        split: "all", "train" (1,500) or "test" (297), as `dinof_diffusers.data.digits_split_indices`.
 
     Returns:
         The folder.
     """
-    from ..data import digits_images
+    from ..data import DIGITS_SPLITS, digits_images
 
+    check_choice(split, "split", DIGITS_SPLITS)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = cache_dir / "references" / f"digits-r{resolution or 8}"
+    name = "digits" if split == "all" else f"digits-{split}"
+    folder = cache_dir / "references" / f"{name}-r{resolution or 8}"
     if folder.exists():
         return folder
-    images = digits_images(resolution)
+    images = digits_images(resolution, split=split)
     return _write_image_folder_atomically(folder, (Image.fromarray(image, mode="L") for image in images))
+
+
+def is_digits_reference(reference) -> bool:
+    """Whether `reference` names the embedded digits: "digits" or "digits:<split>"."""
+    return isinstance(reference, str) and (
+        reference == DIGITS_REFERENCE or reference.startswith(DIGITS_REFERENCE + ":")
+    )
 
 
 def dataset_reference_folder(
@@ -159,7 +171,9 @@ def resolve_reference(
     """What torch-fidelity gets as the reference input.
 
     Args:
-        reference: `"digits"` (the embedded digits, written as PNGs at `resolution`); a torch-fidelity registered
+        reference: `"digits"` (the 1,797 embedded digits, written as PNGs at `resolution`), `"digits:train"` or
+            `"digits:test"` (the 1,500 / 297 of their fixed split: the test digits are the held-out reference for
+            a model trained on the train digits, train.py's default); a torch-fidelity registered
             input name (`"cifar10-train"`, ...: passed through, torch-fidelity downloads and caches it); a folder of
             images (passed through); a folder written by `Dataset.save_to_disk`, a `datasets.Dataset`, or a
             `datasets.load_dataset` name, optionally `"name:split"` (written as PNGs at `resolution`).
@@ -174,8 +188,8 @@ def resolve_reference(
 
     if isinstance(reference, (str, os.PathLike)):
         name = os.fspath(reference)
-        if name == DIGITS_REFERENCE:
-            return digits_reference_folder(resolution, cache_dir)
+        if is_digits_reference(name):
+            return digits_reference_folder(resolution, cache_dir, split=name.partition(":")[2] or "all")
         if name in DATASETS_REGISTRY:
             return name
         if os.path.isdir(name):
@@ -194,7 +208,7 @@ def resolve_reference(
 
 def default_feature_extractor(reference) -> str:
     """`"dinof-digits"` for the digits reference, torch-fidelity's `"inception-v3-compat"` otherwise."""
-    return DIGITS_FEATURE_EXTRACTOR_NAME if reference == DIGITS_REFERENCE else INCEPTION_FEATURE_EXTRACTOR_NAME
+    return DIGITS_FEATURE_EXTRACTOR_NAME if is_digits_reference(reference) else INCEPTION_FEATURE_EXTRACTOR_NAME
 
 
 def registered_feature_extractors() -> List[str]:
