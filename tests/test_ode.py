@@ -288,6 +288,51 @@ def test_likelihood_batches_and_seeds():
     assert len(as_tuple) == 5 and torch.equal(as_tuple[0], whole.log_prob)
 
 
+def test_evaluate_likelihood_is_the_pipelines_per_batch_with_paired_standard_errors():
+    from dinof_diffusers.evaluation import batch_seed, evaluate_likelihood
+    from dinof_diffusers.evaluation.likelihood import likelihood_batches
+
+    pipe = analytic_pipeline("ve")
+    images = gaussian_images("ve", 5)
+    result = evaluate_likelihood(pipe, images, batch_size=2, seed=3, rtol=1e-4, atol=1e-4, show_progress=False)
+    values = {}
+    for prior in ("flow", "sde"):  # batch b with the seed batch_seed(3, b), the same for both priors
+        values[prior] = torch.cat([
+            pipe.log_likelihood(
+                images[part], use_flow_prior=prior == "flow", rtol=1e-4, atol=1e-4,
+                generator=torch.Generator().manual_seed(batch_seed(3, index)),
+            ).bits_per_dim
+            for index, part in enumerate(likelihood_batches(5, 2))
+        ])  # fmt: skip
+        assert result.per_image[prior] == values[prior].tolist()
+        estimate = result.priors[prior]
+        assert estimate.num_images == 5 and estimate.bits_per_dim == pytest.approx(values[prior].mean().item())
+        assert estimate.bits_per_dim_se == pytest.approx(values[prior].std().item() / math.sqrt(5))
+        assert result.nfe[prior] > 0 and result.seconds_per_image[prior] > 0
+    difference = values["flow"] - values["sde"]
+    assert result.difference.bits_per_dim == pytest.approx(difference.mean().item())
+    assert result.difference.bits_per_dim_se == pytest.approx(difference.std().item() / math.sqrt(5))
+    assert "per_image" not in result.to_dict() and result.to_dict(per_image=True)["per_image"] == result.per_image
+
+    # batches run by another runner (e.g. shared out across processes) in another order: the same result
+    def reversed_runner(indices, run_batch, on_round):
+        records = {index: run_batch(index) for index in reversed(indices)}
+        on_round(records)
+        return records
+
+    again = evaluate_likelihood(
+        pipe, images, batch_size=2, seed=3, rtol=1e-4, atol=1e-4, show_progress=False, run_batches=reversed_runner
+    )
+    assert again.per_image == result.per_image and again.difference == result.difference
+
+    only_sde = evaluate_likelihood(analytic_pipeline("ve", flow=False), images[:2], show_progress=False, rtol=1e-3)
+    assert list(only_sde.priors) == ["sde"] and only_sde.difference is None
+    with pytest.raises(ValueError, match="no flow prior"):
+        evaluate_likelihood(analytic_pipeline("ve", flow=False), images, priors=["flow"])
+    with pytest.raises(ValueError, match="priors"):
+        evaluate_likelihood(pipe, images, priors=["gaussian"])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # ODE sampling and encode / decode
 # ----------------------------------------------------------------------------------------------------------------------
