@@ -187,13 +187,13 @@ def test_reproduce_quick_end_to_end(tmp_path):
 
     likelihood = report["likelihood"]
     assert set(likelihood) == {"ve", "vp"}
-    for result in likelihood.values():
-        flow, sde, difference = result["priors"]["flow"], result["priors"]["sde"], result["difference"]
-        assert flow["num_images"] == sde["num_images"] == result["num_images"] == 6
+    for bits in likelihood.values():
+        flow, sde, difference = bits["priors"]["flow"], bits["priors"]["sde"], bits["difference"]
+        assert flow["num_images"] == sde["num_images"] == bits["num_images"] == 6
         assert math.isclose(difference["bits_per_dim"], flow["bits_per_dim"] - sde["bits_per_dim"], abs_tol=1e-9)
         for estimate in (flow, sde, difference):
             assert math.isfinite(estimate["bits_per_dim"]) and estimate["bits_per_dim_se"] > 0
-        assert result["nfe"]["flow"] > 0 and result["nfe"]["sde"] > 0
+        assert bits["nfe"]["flow"] > 0 and bits["nfe"]["sde"] > 0
 
     pairs = report["paired_differences"]
     assert {(pair["model"], pair["n"]) for pair in pairs} == {(m, max(steps)) for m in ("ve", "vp")}
