@@ -114,18 +114,18 @@ FULL = {
     "likelihood_images": 297,
     "likelihood_tolerance": 1e-5,
 }
-# VP's discrete betas need beta_max / N < 1, so the quick grids stay above N = 20.
+# VP's discrete betas need beta_max / N < 1, so the quick grid stays above N = 20.
 QUICK = {
     "max_train_steps": 3,
     "train_batch_size": 16,
     "num_samples": 12,
     "batch_size": 12,
-    "steps": [40, 25],
+    "steps": [30],
     "heun_steps": [3],
     "rk45_tolerance": 1e-2,
     "repeat_seeds": [1],
     "floor_draws": 2,
-    "likelihood_images": 6,
+    "likelihood_images": 4,
     "likelihood_tolerance": 1e-2,
 }
 

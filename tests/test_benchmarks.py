@@ -189,7 +189,7 @@ def test_reproduce_quick_end_to_end(tmp_path):
     assert set(likelihood) == {"ve", "vp"}
     for bits in likelihood.values():
         flow, sde, difference = bits["priors"]["flow"], bits["priors"]["sde"], bits["difference"]
-        assert flow["num_images"] == sde["num_images"] == bits["num_images"] == 6
+        assert flow["num_images"] == sde["num_images"] == bits["num_images"] == 4
         assert math.isclose(difference["bits_per_dim"], flow["bits_per_dim"] - sde["bits_per_dim"], abs_tol=1e-9)
         for estimate in (flow, sde, difference):
             assert math.isfinite(estimate["bits_per_dim"]) and estimate["bits_per_dim_se"] > 0
