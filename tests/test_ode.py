@@ -324,6 +324,14 @@ def test_evaluate_likelihood_is_the_pipelines_per_batch_with_paired_standard_err
         pipe, images, batch_size=2, seed=3, rtol=1e-4, atol=1e-4, show_progress=False, run_batches=reversed_runner
     )
     assert again.per_image == result.per_image and again.difference == result.difference
+    # resuming: the batches already recorded are not run again
+    seen = {}
+    first = {0: {prior: {"bits_per_dim": result.per_image[prior][:2], "nfe": 1, "seconds": 1.0} for prior in values}}
+    resumed = evaluate_likelihood(
+        pipe, images, batch_size=2, seed=3, rtol=1e-4, atol=1e-4, show_progress=False, records=first,
+        on_round=seen.update,
+    )  # fmt: skip
+    assert sorted(seen) == [1, 2] and resumed.per_image == result.per_image
 
     only_sde = evaluate_likelihood(analytic_pipeline("ve", flow=False), images[:2], show_progress=False, rtol=1e-3)
     assert list(only_sde.priors) == ["sde"] and only_sde.difference is None

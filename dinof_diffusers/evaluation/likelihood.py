@@ -130,6 +130,8 @@ def evaluate_likelihood(
     atol: float = 1e-5,
     show_progress: bool = True,
     run_batches: Optional[Callable] = None,
+    records: Optional[Dict[int, Dict[str, Any]]] = None,
+    on_round: Optional[Callable[[Dict[int, Dict[str, Any]]], None]] = None,
 ) -> LikelihoodResult:
     """Mean bits per dimension of `images` under each prior, with standard errors and the paired difference.
 
@@ -144,6 +146,10 @@ def evaluate_likelihood(
         show_progress (`bool`, defaults to `True`): a progress bar over the images, with the running means.
         run_batches (`Callable`, *optional*): `run_batches(batch_indices, run_batch, on_round) -> {index: record}`
             runs the batches (e.g. shared out across processes); default: one after the other, here.
+        records (`Dict[int, dict]`, *optional*): the records of batches already done (`LikelihoodResult` is made
+            from every batch's record): those batches are not run again (resuming).
+        on_round (`Callable`, *optional*): called with `{index: record}` of the newly finished batches (after every
+            batch, or every round of `run_batches`), e.g. to write them down.
 
     Returns:
         [`LikelihoodResult`].
@@ -171,25 +177,34 @@ def evaluate_likelihood(
     pipeline.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(images), desc="bits/dim", unit="img", disable=not show_progress)
     running: Dict[str, List[float]] = {prior: [] for prior in priors}
+    records = {index: record for index, record in (records or {}).items() if index < len(batches)}
 
     def run_batch(index: int):
         return likelihood_batch(pipeline, images[batches[index]], batch_seed(seed, index), priors, **settings)
 
-    def on_round(round_records: Dict[int, Dict[str, Any]]) -> None:
+    def show(round_records: Dict[int, Dict[str, Any]]) -> None:
         for record in round_records.values():
             for prior in priors:
                 running[prior] += record[prior]["bits_per_dim"]
             bar.update(len(record[priors[0]]["bits_per_dim"]))
-        bar.set_postfix({prior: f"{sum(v) / len(v):.4f}" for prior, v in running.items()})
+        if running[priors[0]]:
+            bar.set_postfix({prior: f"{sum(v) / len(v):.4f}" for prior, v in running.items()})
 
+    def finished(round_records: Dict[int, Dict[str, Any]]) -> None:
+        show(round_records)
+        if on_round is not None:
+            on_round(round_records)
+
+    show(records)
+    todo = [index for index in range(len(batches)) if index not in records]
     try:
         if run_batches is None:
-            records = {}
-            for index in range(len(batches)):
-                records[index] = run_batch(index)
-                on_round({index: records[index]})
+            for index in todo:
+                record = {index: run_batch(index)}
+                records.update(record)
+                finished(record)
         else:
-            records = run_batches(list(range(len(batches))), run_batch, on_round)
+            records.update(run_batches(todo, run_batch, finished))
     finally:
         bar.close()
         pipeline.set_progress_bar_config(disable=False)
