@@ -11,6 +11,8 @@ Structured like diffusers' examples/unconditional_image_generation/train_uncondi
 - `--train_component flow`: the flow prior only, on a frozen pretrained score network (a DiNof pipeline, a diffusers
   pipeline with a `unet`, or a plain `UNet2DModel` / `NCSNppModel`; e.g. a published checkpoint converted with
   `dinof-convert-checkpoint`), which is copied unchanged into the output pipeline.
+- `--train_component gaussian_prior`: no training; the moment-matched Gaussian prior of x(t*) is fitted in closed
+  form to the data for such a frozen network, in seconds (the control for the flow; training/gaussian_prior.py).
 
 Examples:
 
@@ -52,6 +54,7 @@ from dinof_diffusers.training.data import (
     load_training_dataset,
     reference_images,
 )
+from dinof_diffusers.training.gaussian_prior import fit_gaussian_prior
 from dinof_diffusers.training.losses import flow_nll_loss, nats_to_bits_per_dim, score_matching_loss
 from dinof_diffusers.training.model_card import run_model_card
 from dinof_diffusers.training.run_config import run_config_parser
@@ -74,6 +77,9 @@ def parse_args(input_args=None) -> RunConfig:
 
 def main(run: RunConfig):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if run.train_component == "gaussian_prior":  # closed form: no optimiser, no training loop
+        fit_gaussian_prior(run)
+        return
     accelerator = Accelerator(
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         mixed_precision=run.mixed_precision,

@@ -6,6 +6,7 @@
 - `data`: the data set of a run, its transforms, reproducible augmentation (`TrainingImages`).
 - `checkpoints`: the run's counters, `checkpoint-<step>` folders and the saved pipeline, all written atomically.
 - `samples`: the sample grids; `model_card`: the README.md beside the trained pipeline.
+- `gaussian_prior`: `fit_gaussian_prior(run)`, `--train_component gaussian_prior` (a closed-form prior, no training).
 """
 
 from .checkpoints import (

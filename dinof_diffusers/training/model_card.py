@@ -27,6 +27,10 @@ _COMPONENT_TEXT = {
     "joint": "the score network and the flow prior, trained jointly (one Adam optimiser on the sum of the losses)",
     "score": "the score network (the flow prior, if any, is unchanged from the starting pipeline)",
     "flow": "the flow prior, on a frozen score network copied unchanged from the starting model",
+    "gaussian_prior": "nothing: the prior of x(t*) is the moment-matched Gaussian N(a mu, a^2 Sigma + s^2 I) of the "
+    "training images' mean mu and covariance Sigma, (a, s) the marginal's coefficients at t* (`GaussianPriorModel`, "
+    "fitted in closed form; the control for DiNof's flow), for a frozen score network copied unchanged from the "
+    "starting model",
 }
 
 
@@ -49,7 +53,7 @@ def create_model_card(
         repo_id_or_path (`str`): what `DiNofPipeline.from_pretrained` is given in the usage snippet.
         dataset_description (`str`): the training data as a reader should see it (a Hub id, a folder, "digits").
         training_config (`Dict[str, Any]`): the training settings, written out as YAML (plain values only).
-        train_component (`str`): "joint", "score" or "flow".
+        train_component (`str`): "joint", "score", "flow" or "gaussian_prior".
         hub_datasets (`List[str]`, *optional*): Hub data set ids for the card's `datasets` metadata.
         samples_filename (`str`, *optional*): the sample grid beside the card; `None` for none.
         samples_description (`str`): how the grid was sampled (steps, seed, weights).
@@ -92,11 +96,12 @@ def create_model_card(
         )
     version = f"=={package_version}" if package_version else ""
     scheduler = training_config.get("scheduler", {})
+    prior = "A Gaussian prior (no flow)" if train_component == "gaussian_prior" else "A Glow normalizing flow"
     sections = [
         f"# DiNof: {dataset_description}",
         "A DiNof model (*Diffusion Models with Deterministic Normalizing Flow Priors*, Zand, Etemad and Greenspan, "
         "TMLR 2024) trained on "
-        f"**{dataset_description}**. A Glow normalizing flow maps Gaussian noise to the partially diffused data "
+        f"**{dataset_description}**. {prior} maps Gaussian noise to the partially diffused data "
         f"x(t*), t* = {scheduler.get('flow_start', 'flow_start')} T, and the predictor-corrector sampler of the "
         f"{str(scheduler.get('sde_type', '')).upper()} score SDE runs only from t* down to eps.",
         f"Trained here: {_COMPONENT_TEXT[train_component]}."
@@ -182,6 +187,10 @@ def run_model_card(
         training_config["score_time_range"] = "[eps, T]" if run.score_time_range == "full" else "[eps, T] * flow_start"
     if not run.train_flow:
         training_config.pop("flow_loss_weight")
+    if run.train_component == "gaussian_prior":  # fitted in closed form: no optimisation settings
+        for key in ("nonfinite_steps_skipped", "total_batch_size", "optimizer", "loss_reduction", "flow_loss_weight"):
+            training_config.pop(key, None)
+        training_config.update(steps=0, ema_decay=None, mixed_precision=None, random_flip=run.random_flip)
     hub_dataset = run.dataset_name is not None and not is_local_path(run.dataset_name)
     return create_model_card(
         (run.hub_model_id or os.path.basename(os.path.normpath(run.output_dir)))

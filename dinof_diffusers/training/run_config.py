@@ -20,7 +20,8 @@ Where a setting comes from:
   converted configs say): VE networks output the score, VP / sub-VP networks the noise, discrete ones take the
   published labels (`model_conditioning="score_sde"`), and a new one gets the scheduler's SMLD noise levels.
 - the flow prior: the pretrained pipeline's (trained further as it is), else a new one of the preset's size unless
-  `--flow_*` say otherwise; none for score-only training from a network without one.
+  `--flow_*` say otherwise; none for score-only training from a network without one. `--train_component
+  gaussian_prior` fits a `GaussianPriorModel` in closed form instead (`training.gaussian_prior`), no flow.
 """
 
 import argparse
@@ -41,12 +42,13 @@ from ..data import DIGITS_SPLITS
 from ..hub_utils import is_local_path, model_file
 from ..models.flow_prior import FlowPriorModel
 from ..models.ncsnpp import NCSNppModel
+from ..models.gaussian_prior import COVARIANCE_TYPES
 from ..schedulers.scheduling_dinof import SDE_TYPES, DiNofScheduler
 from ..validation import check_choice, check_int, check_number, check_positive_int
 from .losses import LOSS_REDUCTIONS
 from .presets import UNET_CLASS_NAMES, TrainingPreset, get_preset, list_presets, nearest_published_preset
 
-TRAIN_COMPONENTS = ("joint", "score", "flow")
+TRAIN_COMPONENTS = ("joint", "score", "flow", "gaussian_prior")
 SCORE_TIME_RANGES = ("t_star", "full")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -98,7 +100,8 @@ class RunConfig:
         pretrained_kind (`str`, *optional*): "dinof" (a DiNof pipeline), "pipeline" (another diffusers pipeline with
             a `unet`) or "unet" (a `UNet2DModel` / `NCSNppModel` folder); `None` without a pretrained model.
         scheduler_config (`Mapping`): the `DiNofScheduler` configuration.
-        flow_prior (`str`, *optional*): "pretrained" (the pretrained pipeline's), "new", or `None` (no flow prior).
+        flow_prior (`str`, *optional*): "pretrained" (the pretrained pipeline's), "new", "gaussian" (a
+            `GaussianPriorModel` to fit) or `None` (no flow prior).
     """
 
     dataset_name: Optional[str] = _flag(
@@ -169,9 +172,17 @@ class RunConfig:
     train_component: str = _flag(
         "joint",
         "joint: both networks, one optimiser (published); score: the UNet only; flow: the flow prior only, on the "
-        "frozen UNet of --pretrained_model_name_or_path.",
+        "frozen UNet of --pretrained_model_name_or_path; gaussian_prior: no training, the moment-matched Gaussian "
+        "prior of x(t*) fitted in closed form to the data (seconds) for the frozen UNet of "
+        "--pretrained_model_name_or_path, saved as the pipeline's flow_prior (the control for the flow).",
         group="training",
         choices=TRAIN_COMPONENTS,
+    )
+    gaussian_covariance: Optional[str] = _flag(
+        None,
+        "--train_component gaussian_prior: the covariance of the Gaussian prior, full (default; rank 256 + isotropic "
+        "above 4096 dimensions) or diagonal.",
+        choices=COVARIANCE_TYPES,
     )
     output_dir: str = _flag("dinof-model", "Pipeline, checkpoints and logs.")
     seed: int = _flag(0, "Seed of the initialisation, data order and noise.", type=int)
@@ -399,11 +410,16 @@ def _check_flags(flags: Dict[str, Any], defaults: Dict[str, Any]) -> None:
         needs(flag, "push_to_hub", "nothing is uploaded without it")
     if given("ema_decay") and not flags["use_ema"]:
         raise ValueError("--ema_decay and --no-use_ema contradict each other: without an EMA there is no decay.")
-    if flags["train_component"] == "flow" and not given("pretrained_model_name_or_path"):
+    component = flags["train_component"]
+    if component in ("flow", "gaussian_prior") and not given("pretrained_model_name_or_path"):
         raise ValueError(
-            "--train_component flow trains the flow on a frozen score network: give it with "
+            f"--train_component {component} makes a prior for a frozen score network: give it with "
             "--pretrained_model_name_or_path."
         )
+    if given("gaussian_covariance") and component != "gaussian_prior":
+        raise ValueError(f"--gaussian_covariance is a setting of --train_component gaussian_prior, not {component}.")
+    if component == "gaussian_prior" and any(given(flag) for flag in FLOW_FLAGS):
+        raise ValueError("--flow_* set the size of a flow; --train_component gaussian_prior fits no flow.")
     if given("train_data_dir") and not os.path.isdir(flags["train_data_dir"]):
         raise ValueError(f"--train_data_dir {flags['train_data_dir']!r} is not a folder.")
     path = flags["pretrained_model_name_or_path"]
@@ -533,7 +549,8 @@ def _score_network_source(flags: Dict[str, Any]) -> Dict[str, Any]:
         raise TrainingError(f"--pretrained_model_name_or_path {path!r} has no UNet config (unet/config.json).")
     unet_class = unet_class_name(unet, f"--pretrained_model_name_or_path {path!r}")
     scheduler = read("scheduler/scheduler_config.json") if kind != "unet" else None
-    has_flow = kind == "dinof" and (index.get("flow_prior") or [None])[0] is not None
+    # a GaussianPriorModel (fitted, never trained) is not a flow to train further
+    has_flow = kind == "dinof" and (index.get("flow_prior") or [None, None])[1] == FlowPriorModel.__name__
     return {
         "kind": kind,
         "unet_class": unet_class,
@@ -614,6 +631,9 @@ def _resolve_flow(flags: Dict[str, Any], source: Dict[str, Any]) -> Optional[str
     """Whether the flow prior is the pretrained one, a new one or none; sets the flow flags to its size."""
     path = flags["pretrained_model_name_or_path"]
     pretrained = source["flow"]
+    if flags["train_component"] == "gaussian_prior":
+        flags["gaussian_covariance"] = flags["gaussian_covariance"] or "full"
+        return "gaussian"
     if pretrained is not None:
         for flag, key in FLOW_FLAGS.items():
             if flags[flag] not in (None, pretrained[key]):
@@ -638,7 +658,7 @@ def _check_model_settings(
         unet_factor = 2 ** (len(unet["ch_mult"]) - 1)
     else:
         unet_factor = 2 ** (len(unet.get("down_block_types", ())) - 1)
-    flow_factor = 2**num_levels
+    flow_factor = 2**num_levels if num_levels is not None else 1  # None: no flow (a Gaussian prior)
     source = f"{unet_flag} {flags[unet_flag[2:]]}"
     if resolution % flow_factor:
         raise TrainingError(
@@ -700,7 +720,8 @@ def build_models(run: RunConfig):
 
     Returns:
         `(UNet2DModel or NCSNppModel, Optional[FlowPriorModel], DiNofScheduler)`: new networks are freshly
-        initialised (from the global torch RNG), pretrained ones are loaded.
+        initialised (from the global torch RNG), pretrained ones are loaded. No prior for `--train_component gaussian_prior`: it is fitted
+        to the data (`training.gaussian_prior.fit_gaussian_prior`).
     """
     hub = {"revision": run.revision, "cache_dir": run.cache_dir}
     unet_class = UNET_CLASSES[run.unet_class]
