@@ -221,6 +221,15 @@ def subprocess_environment(args) -> Dict[str, str]:
     return env
 
 
+def accelerate_train_command() -> List[str]:
+    """`accelerate launch ... train.py`: one process, on the CPU unless there is a GPU, no mixed precision, no dynamo
+    (add train.py's arguments)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+    if not torch.cuda.is_available():
+        command.append("--cpu")
+    return command + ["--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT)]
+
+
 def reused_model_dir(model: str, reuse_dir: str) -> Path:
     """The trained pipeline of `model` in `--reuse_dir` (DIR/model or DIR/models/model)."""
     for candidate in (Path(reuse_dir) / model, Path(reuse_dir) / "models" / model):
@@ -258,10 +267,7 @@ def train_models(args, output_dir: Path) -> Dict[str, Path]:
                 continue
         todo[model] = (arguments, marker)
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-    if not torch.cuda.is_available():
-        command.append("--cpu")
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT)]
+    command = accelerate_train_command()
     env = subprocess_environment(args)
     if args.quick and len(todo) > 1:
         env.setdefault("OMP_NUM_THREADS", "1")  # side by side: one core each

@@ -34,13 +34,13 @@ from ..pipelines.dinof.pipeline_dinof import check_prior_matches_scheduler
 from ..validation import check_int, check_number, check_positive_int
 
 MIXTURE, GAUSSIAN_FULL, GAUSSIAN_DIAGONAL, FLOW = "mixture", "gaussian_full", "gaussian_diagonal", "flow"
+BUILTIN_MODELS = (MIXTURE, GAUSSIAN_FULL, GAUSSIAN_DIAGONAL)  # the densities computed from the training images
 # (minuend, subtrahend) of the reported NLL differences; "a - b" > 0 means b fits x(t) better than a
 DIFFERENCES = (
     (GAUSSIAN_FULL, MIXTURE),  # the headroom
     (GAUSSIAN_DIAGONAL, GAUSSIAN_FULL),  # what the full covariance gains over the diagonal one
-    (GAUSSIAN_FULL, FLOW),  # the flow's gain over the full Gaussian
-    (FLOW, MIXTURE),  # what the flow leaves on the table
 )
+# and for every prior p: (GAUSSIAN_FULL, p), its gain over the full Gaussian; (p, MIXTURE), what it leaves on the table
 
 
 @dataclass
@@ -221,8 +221,9 @@ class FlowGainResult:
             per dimension); "gaussian_full - mixture" is the headroom.
         headroom_train (`Estimate`): the upper estimate of the headroom (training points).
         headroom_test (`Estimate`): the lower estimate (held-out points).
-        flow_share (`float`, *optional*): held-out (gaussian_full - flow) / headroom_train; `flow_share_se` its
-            standard error (delta method; the two are independent).
+        shares (`Dict[str, Dict[str, float]]`): prior name -> {"share": held-out (gaussian_full - prior) /
+            headroom_train, "se": its standard error (delta method; the two are independent)}.
+        flow_share (`float`, *optional*), flow_share_se (`float`, *optional*): the share of the prior named "flow".
     """
 
     t: float = float("nan")
@@ -235,6 +236,7 @@ class FlowGainResult:
     differences: Dict[str, Dict[str, Estimate]] = field(default_factory=dict)
     headroom_train: Optional[Estimate] = None
     headroom_test: Optional[Estimate] = None
+    shares: Dict[str, Dict[str, float]] = field(default_factory=dict)
     flow_share: Optional[float] = None
     flow_share_se: Optional[float] = None
 
@@ -249,6 +251,7 @@ def flow_gain(
     scheduler,
     t: Optional[float] = None,
     flow_prior=None,
+    priors: Optional[Dict[str, object]] = None,
     num_draws: int = 4,
     seed: int = 0,
     max_train_points: Optional[int] = 2000,
@@ -258,15 +261,18 @@ def flow_gain(
     component_batch_size: int = 4096,
     show_progress: bool = True,
 ) -> FlowGainResult:
-    """The headroom of x(t) over its best Gaussian, both estimates, and (with a flow) the flow's share of it.
+    """The headroom of x(t) over its best Gaussian, both estimates, and (with priors) each prior's share of it.
 
     Args:
         train_images (`torch.Tensor` of shape `(N, C, H, W)`): the clean training images, in the scheduler's data
             range: the mixture's components and the Gaussians' data.
         test_images (`torch.Tensor` of shape `(M, C, H, W)`): held-out clean images.
         scheduler ([`DiNofScheduler`]): the SDE.
-        t (`float`, *optional*): the time; default the scheduler's t* (the only one allowed with a `flow_prior`).
-        flow_prior (*optional*): a prior of x(t*) with `log_prob` (a `FlowPriorModel`, or any other prior).
+        t (`float`, *optional*): the time; default the scheduler's t* (the only one allowed with priors).
+        flow_prior (*optional*): a prior of x(t*) with `log_prob` (a `FlowPriorModel`, or any other prior); the same
+            as `priors={"flow": flow_prior}`.
+        priors (`Dict[str, prior]`, *optional*): several priors of x(t*) by name (not a built-in model's name), e.g.
+            flows of two sizes and a trained `GaussianPriorModel`.
         num_draws (`int`, defaults to 4): noise draws per image.
         seed (`int`, defaults to 0): the training points use `seed`, the held-out points `seed + 1`; the training
             images behind the training points are a seeded subset.
@@ -274,7 +280,8 @@ def flow_gain(
             when `None`); every training image is a mixture component regardless.
         moments ([`ImageMoments`], *optional*): full moments of `train_images` (`estimate_image_moments`), to reuse
             across times; computed when `None`.
-        models (`Sequence[str]`): the densities to evaluate; "flow" is skipped without a `flow_prior`.
+        models (`Sequence[str]`): the densities to evaluate: built-in ones, and "flow" for the priors (skipped
+            without any).
         point_batch_size, component_batch_size (`int`): the mixture's blocks.
         show_progress (`bool`): tqdm progress bars.
 
@@ -296,11 +303,19 @@ def flow_gain(
             f"`models` must be a subset of {[MIXTURE, GAUSSIAN_FULL, GAUSSIAN_DIAGONAL, FLOW]}, got {unknown}."
         )
     check_int(max_train_points, "max_train_points", minimum=2, allow_none=True)
-    if flow_prior is not None:
+    if flow_prior is not None and priors:
+        raise ValueError("Pass the priors either as `flow_prior` or as `priors`, not both.")
+    priors = {FLOW: flow_prior} if flow_prior is not None else dict(priors or {})
+    clashing = sorted(set(priors) & set(BUILTIN_MODELS))
+    if clashing:
+        raise ValueError(f"`priors` may not be named like the built-in models {list(BUILTIN_MODELS)}: {clashing}.")
+    if FLOW not in models:
+        priors = {}
+    for name, prior in priors.items():
         if abs(t - scheduler.t_star) > 1e-9:
-            raise ValueError(f"A `flow_prior` models x(t*) at t* = {scheduler.t_star}; `t` = {t} differs.")
-        check_prior_matches_scheduler(flow_prior, scheduler)
-    models = [m for m in models if m != FLOW or flow_prior is not None]
+            raise ValueError(f"The prior {name!r} models x(t*) at t* = {scheduler.t_star}; `t` = {t} differs.")
+        check_prior_matches_scheduler(prior, scheduler)
+    models = [m for m in models if m in BUILTIN_MODELS] + list(priors)
 
     mean_coeff, std = _marginal(scheduler, t)
     num_dims = math.prod(train_images.shape[1:])
@@ -339,10 +354,8 @@ def flow_gain(
                 values = mixture_log_prob(
                     flat, train_images, mean_coeff, std, point_batch_size, component_batch_size, show_progress
                 )
-            elif name == FLOW:
-                values = prior_log_prob(flow_prior, flat, show_progress=show_progress, desc=desc)
             else:
-                values = prior_log_prob(gaussians[name], flat, show_progress=show_progress, desc=desc)
+                values = prior_log_prob({**gaussians, **priors}[name], flat, show_progress=show_progress, desc=desc)
             log_probs[split][name] = values.reshape(shape)
 
     result = FlowGainResult(
@@ -353,21 +366,24 @@ def flow_gain(
         num_train_images=train_images.shape[0],
         num_test_images=test_images.shape[0],
     )
+    pairs = list(DIFFERENCES) + [pair for name in priors for pair in ((GAUSSIAN_FULL, name), (name, MIXTURE))]
     for split, values in log_probs.items():
         result.nll[split] = {name: mean_estimate(-lp, num_dims) for name, lp in values.items()}
         result.differences[split] = {
             f"{a} - {b}": mean_estimate(values[b] - values[a], num_dims)
-            for a, b in DIFFERENCES
+            for a, b in pairs
             if a in values and b in values
         }
     headroom = f"{GAUSSIAN_FULL} - {MIXTURE}"
     result.headroom_train = result.differences["train"].get(headroom)
     result.headroom_test = result.differences["test"].get(headroom)
-    gain = result.differences["test"].get(f"{GAUSSIAN_FULL} - {FLOW}")
-    if gain is not None and result.headroom_train is not None:
-        h = result.headroom_train
-        result.flow_share = gain.nats / h.nats
-        result.flow_share_se = abs(result.flow_share) * math.sqrt(
-            (gain.nats_se / gain.nats) ** 2 + (h.nats_se / h.nats) ** 2
-        )
+    for name in priors:
+        gain = result.differences["test"].get(f"{GAUSSIAN_FULL} - {name}")
+        if gain is not None and result.headroom_train is not None:
+            h = result.headroom_train
+            share = gain.nats / h.nats
+            se = abs(share) * math.sqrt((gain.nats_se / gain.nats) ** 2 + (h.nats_se / h.nats) ** 2)
+            result.shares[name] = {"share": share, "se": se}
+    if FLOW in result.shares:
+        result.flow_share, result.flow_share_se = result.shares[FLOW]["share"], result.shares[FLOW]["se"]
     return result
