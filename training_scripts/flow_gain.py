@@ -552,7 +552,7 @@ def plot_flow_gain(panels, path) -> bool:
         else:
             left.text(0.5, 0.5, "no likelihoods (--skip_nll)", ha="center", transform=left.transAxes)
         by_model = {}
-        for name, entry in results["quality"].items():
+        for entry in results["quality"].values():
             if entry.get("nfe"):
                 by_model.setdefault(entry["model"], []).append(entry)  # the baseline: at every NFE it ran
         for model, entries in sorted(by_model.items()):
