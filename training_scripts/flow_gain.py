@@ -247,6 +247,11 @@ def fingerprint(*values) -> str:
     return digest.hexdigest()[:16]
 
 
+def as_json(value):
+    """`value` as it reads back from JSON (tuples become lists), so that recorded settings compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def scheduler_settings(scheduler) -> dict:
     """The SDE of a scheduler: its configuration without the sampler's t* and grid."""
     skip = {"flow_start", "num_train_timesteps"}
@@ -314,6 +319,7 @@ def run_nll(results, context, t, save):
         "seed": args.seed,
         "max_train_points": args.max_train_points,
     }
+    key = as_json(key)
     entry = results["nll"].get(t_key(t))
     if entry is not None and entry["key"] == key:
         return
@@ -372,6 +378,7 @@ def run_samples(results, context, row, save):
         "features": context["reference"].features,
         "num_bootstrap": args.num_bootstrap,
     }
+    key = as_json(key)
     entry = results["quality"].get(row_name)
     if entry is not None and entry["key"] == key:
         return
