@@ -1,6 +1,6 @@
 """The benchmarks run in their `--quick` modes (so that they cannot rot), and the pieces of the claim reproduction.
 
-Both scripts run as subprocesses, exactly as a user runs them, offline, on one thread, with caches under tmp.
+The scripts run as subprocesses, exactly as a user runs them, offline, on one thread, with caches under tmp.
 """
 
 import importlib.util
@@ -18,6 +18,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PERF = REPO_ROOT / "benchmarks" / "perf.py"
 REPRODUCE = REPO_ROOT / "benchmarks" / "reproduce_claim.py"
+STUDY = REPO_ROOT / "benchmarks" / "flow_gain_study.py"
 RATIO_LINE = re.compile(r"^ratio (\w+) = (\S+)", re.MULTILINE)
 PERF_RATIOS = {
     "pipeline_overhead",
@@ -207,3 +208,51 @@ def test_reproduce_quick_end_to_end(tmp_path):
     assert table.count("\n| v") == len(main_rows) + 4 + 2 + len(pairs)
     assert "DiNof - baseline" in table
     assert "sampling ~" in result.stdout + result.stderr  # the cost estimate is shown before sampling
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmarks/flow_gain_study.py
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_flow_gain_study_quick_end_to_end(tmp_path):
+    """The study's stages on the digits with tiny everything (one t*, one flow size): a score network, a flow, both
+    Gaussian priors through train.py, the diagnostic with two seeds, the report and the plots."""
+    output_dir = tmp_path / "study"
+    run_script(STUDY, ["--quick", "--datasets", "digits", "--output_dir", str(output_dir)], tmp_path)
+    for name in ("results.md", "results.json", "flow_gain_study.png", "flow_training.png"):
+        assert (output_dir / name).is_file(), name
+    assert not list(output_dir.rglob(".tmp-*"))
+    models = output_dir / "digits" / "models"
+    for name in ("score", "flow-tiny-t0.6", "gaussian-full-t0.6", "gaussian-diagonal-t0.6"):
+        assert (models / name / "model_index.json").is_file(), name
+    prior = json.loads((models / "gaussian-diagonal-t0.6" / "flow_prior" / "config.json").read_text())
+    assert prior["_class_name"] == "GaussianPriorModel" and prior["covariance"] == "diagonal"
+    assert prior["flow_start"] == 0.6 and prior["num_images"] == 1500  # the training split only
+    flow_index = json.loads((models / "flow-tiny-t0.6" / "model_index.json").read_text())
+    assert flow_index["flow_prior"][1] == "FlowPriorModel"
+    score_arguments = json.loads((models / "score.arguments.json").read_text())
+    assert score_arguments[score_arguments.index("--score_time_range") + 1] == "full"
+
+    report = json.loads((output_dir / "results.json").read_text())
+    digits = report["datasets"]["digits"]
+    state = json.loads((output_dir / "digits" / "state.json").read_text())
+    assert set(state["stages"]) == {
+        "data", "score", "flow-tiny-t0.6", "gaussian-full-t0.6", "gaussian-diagonal-t0.6", "flow_gain-seed0",
+        "flow_gain-seed1",
+    }  # fmt: skip
+    nll = digits["seeds"]["0"]["nll"]["0.6"]
+    assert set(nll["shares"]) == {"flow_tiny", "fitted_full", "fitted_diagonal"}
+    test_nll = nll["nll"]["test"]
+    for covariance in ("full", "diagonal"):  # train.py's priors are flow_gain.py's closed-form ones
+        fitted, closed = test_nll[f"fitted_{covariance}"], test_nll[f"gaussian_{covariance}"]
+        assert fitted["bits_per_dim"] == pytest.approx(closed["bits_per_dim"], abs=1e-5)
+    quality = digits["seeds"]["0"]["quality"]
+    rows = {"t0.6/flow_tiny", "t0.6/gaussian_full", "t0.6/gaussian_diagonal", "t0.6/baseline", "N10/baseline"}
+    assert rows <= set(quality)
+    assert set(digits["seeds"]["1"]["quality"]) >= {"t0.6/flow_tiny", "t0.6/gaussian_full"}
+    assert quality["t0.6/flow_tiny"]["nfe"] == quality["t0.6/baseline"]["nfe"] == 2 * 6  # int(10 * 0.6) steps
+    chunks = digits["flows"]["flow-tiny-t0.6"]["chunks"]
+    assert chunks[-1]["stop"] == "budget" and math.isfinite(chunks[-1]["held_out_bits_per_dim"])
+    table = (output_dir / "results.md").read_text()
+    assert "| digits | 0.6 |" in table and "flow tiny: gain" in table
