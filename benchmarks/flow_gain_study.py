@@ -62,6 +62,7 @@ from reproduce_claim import accelerate_train_command, choose_threads, subprocess
 from dinof_diffusers.data import digits_images, sample_patches  # noqa: E402
 from dinof_diffusers.evaluation.flow_gain import diffuse_images, images_to_tensor, prior_log_prob  # noqa: E402
 from dinof_diffusers.file_utils import atomic_folder_path, write_json_atomically, write_text_atomically  # noqa: E402
+from dinof_diffusers.image_utils import save_figure_atomically  # noqa: E402
 from dinof_diffusers.training.presets import get_preset  # noqa: E402
 
 FLOW_GAIN_SCRIPT = REPO_ROOT / "training_scripts" / "flow_gain.py"
@@ -564,8 +565,6 @@ def plot_flow_training(report: Dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dinof_diffusers.file_utils import atomic_write_path
-
     figure, axes = plt.subplots(1, len(report), figsize=(6.5 * len(report), 4.2), squeeze=False)
     for axis, (dataset, entry) in zip(axes[0], report.items()):
         for stage, flow in sorted(entry["flows"].items()):
@@ -578,11 +577,7 @@ def plot_flow_training(report: Dict, path: Path) -> None:
         axis.set_title(f"{dataset}: flow training, chunk by chunk")
         axis.legend(fontsize=7)
     figure.tight_layout()
-    try:
-        with atomic_write_path(path) as temporary:
-            figure.savefig(temporary, dpi=100, format="png")
-    finally:
-        plt.close(figure)
+    save_figure_atomically(figure, path, dpi=100)
 
 
 def write_report(output_dir: Path, datasets: List[str], config: Dict, meta: Dict) -> None:
@@ -638,7 +633,7 @@ def run_workers(args, config: Dict) -> None:
         str(args.threads),
     ]
     command += ["--quick"] if args.quick else []
-    env = subprocess_environment(args)
+    env = {**subprocess_environment(args), "PYTHONUNBUFFERED": "1"}  # the logs as they happen
     processes, logs = {}, {}
     for dataset in args.datasets:
         logs[dataset] = open(output_dir / "logs" / f"{dataset}.log", "a")

@@ -48,3 +48,14 @@ def save_image_atomically(image: Image.Image, path: Union[str, os.PathLike]) -> 
     """Writes `image` to `path` through a temporary file in the same folder, so no reader sees half a file."""
     with atomic_write_path(path) as temporary_path:
         image.save(temporary_path)
+
+
+def save_figure_atomically(figure, path: Union[str, os.PathLike], dpi: int = 110) -> None:
+    """Writes a matplotlib figure as a PNG to `path` atomically (as `save_image_atomically`), then closes it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_write_path(path) as temporary_path:
+            figure.savefig(temporary_path, dpi=dpi, format="png")
+    finally:
+        plt.close(figure)

@@ -63,7 +63,8 @@ from dinof_diffusers.evaluation.sample_quality import (
     QualityReference,
     format_interval,
 )
-from dinof_diffusers.file_utils import atomic_write_path, write_json_atomically, write_text_atomically
+from dinof_diffusers.file_utils import write_json_atomically, write_text_atomically
+from dinof_diffusers.image_utils import save_figure_atomically
 from dinof_diffusers.models.gaussian_prior import estimate_image_moments
 from dinof_diffusers.validation import check_int, check_number, check_positive_int
 
@@ -583,11 +584,7 @@ def plot_flow_gain(panels, path) -> bool:
         if right.get_legend_handles_labels()[0]:
             right.legend(fontsize=7)
     figure.tight_layout()
-    try:
-        with atomic_write_path(path) as temporary:
-            figure.savefig(temporary, dpi=110, format="png")
-    finally:
-        plt.close(figure)
+    save_figure_atomically(figure, path)
     return True
 
 
