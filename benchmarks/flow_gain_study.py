@@ -13,7 +13,8 @@ stage by stage, each resumable:
 3. `flow-<size>-t<t*>`: on the frozen network, a flow prior (`--train_component flow`) for every t* and both sizes
    (the tiny preset's Glow, and a larger one of >= 0.15M parameters), trained in chunks (`--resume_from_checkpoint
    latest`) until the held-out NLL of x(t*) flattens (the improvement of the last chunk, paired over the same noisy
-   test images, is below `flatten_bits_per_dim` or two standard errors) or the flow's wall-clock budget is spent.
+   test images, is below `flatten_bits_per_dim` or two standard errors) or the flow's budget of CPU time is spent
+   (CPU seconds of the training processes: the same amount of training on a quiet and on a busy machine).
 4. `gaussian-<covariance>-t<t*>`: the full and the diagonal Gaussian priors (`train.py --train_component
    gaussian_prior`; train.py's code path, run in this worker process).
 5. `flow_gain-seed<k>`: training_scripts/flow_gain.py on the score pipeline with every prior: the headroom (both
@@ -40,6 +41,7 @@ import importlib.util
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -79,7 +81,7 @@ FULL = {
     # name -> (levels, steps per level, coupling width): the tiny preset's Glow, and one of >= 0.15M parameters
     "flows": {"tiny": (2, 4, 32), "large": (2, 8, 64)},
     "flow_chunk_steps": {"tiny": 500, "large": 200},
-    "flow_budget_seconds": 120.0,
+    "flow_budget_seconds": 120.0,  # CPU seconds per flow (training processes, start-up included)
     "flow_max_chunks": 10,
     "flatten_bits_per_dim": 0.001,
     "flow_eval_images": 1000,
@@ -206,11 +208,15 @@ class Worker:
             "--sample_num_inference_steps", str(self.config["grid_steps"]),
         ]  # fmt: skip
 
-    def launch(self, arguments: List[str], what: str) -> None:
+    def launch(self, arguments: List[str], what: str) -> float:
+        """Runs `accelerate launch train.py arguments`; returns the CPU seconds it took (all its processes)."""
         command = accelerate_train_command() + arguments
         tqdm.write(f"[{self.dataset}] {what}: accelerate launch train.py {' '.join(arguments)}")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         if subprocess.run(command, env=self.env).returncode != 0:
             raise RuntimeError(f"[{self.dataset}] {what} failed (train.py's output is above).")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
     def stage_score(self, stage: str) -> None:
         steps = self.config["score_steps"]
@@ -296,16 +302,17 @@ class Worker:
         points = self.held_out_points(t)
         while not (progress["chunks"] and progress["chunks"][-1]["stop"]):
             chunks = progress["chunks"]
-            spent = sum(c["seconds"] for c in chunks)
+            spent = sum(c["cpu_seconds"] for c in chunks)
             steps = chunk * (len(chunks) + 1)
             start = time.perf_counter()
-            self.launch([*base, "--max_train_steps", str(steps)], f"flow {size} at t* = {t:g}, to step {steps}")
+            cpu_seconds = self.launch([*base, "--max_train_steps", str(steps)], f"flow {size}, t* {t:g}, to {steps}")
             seconds = time.perf_counter() - start
             flow = FlowPriorModel.from_pretrained(str(output_dir), subfolder="flow_prior").eval()
             nll = -prior_log_prob(flow, points.reshape(-1, *points.shape[2:]), show_progress=False)
             per_image = nll.reshape(points.shape[:2]).mean(0).numpy() / (math.prod(points.shape[2:]) * math.log(2.0))
-            entry = {"steps": steps, "seconds": seconds, "held_out_bits_per_dim": float(per_image.mean())}
-            entry.update(chunk_verdict(previous, per_image, spent + seconds, len(chunks) + 1, self.config))
+            entry = {"steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds}
+            entry["held_out_bits_per_dim"] = float(per_image.mean())
+            entry.update(chunk_verdict(previous, per_image, spent + cpu_seconds, len(chunks) + 1, self.config))
             np.save(previous_path, per_image)
             previous = per_image
             progress["chunks"].append(entry)
@@ -392,7 +399,7 @@ class Worker:
 
 def chunk_verdict(previous, current, seconds: float, num_chunks: int, config: Dict) -> Dict:
     """Whether a flow trains on after a chunk: "flattened" when the held-out NLL (bits/dim per image, paired over the
-    same points) improved by less than `flatten_bits_per_dim` or two standard errors, "budget" when `seconds` of
+    same points) improved by less than `flatten_bits_per_dim` or two standard errors, "budget" when `seconds` (CPU) of
     training have reached the flow's budget, "max_chunks"; `None` to go on. Also the improvement and its standard
     error (after the first chunk)."""
     verdict = {"stop": None}
@@ -546,15 +553,16 @@ def markdown(report: Dict, config: Dict, meta: Dict) -> str:
                 )
     lines += ["", "## Flow training (held-out bits/dim of x(t*) after the last chunk)", ""]
     lines += [
-        "| data | flow | parameters | steps | held-out bits/dim | stopped | seconds |",
-        "|---|---|---:|---:|---:|---|---:|",
+        "| data | flow | parameters | steps | held-out bits/dim | stopped | CPU s | wall s |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for dataset, entry in report.items():
         for stage, flow in entry["flows"].items():
             last = flow["chunks"][-1]
             lines.append(
                 f"| {dataset} | {stage} | {flow['parameters']} | {last['steps']} | "
-                f"{last['held_out_bits_per_dim']:.4f} | {last['stop']} | {flow['seconds']:.0f} |"
+                f"{last['held_out_bits_per_dim']:.4f} | {last['stop']} | "
+                f"{sum(c['cpu_seconds'] for c in flow['chunks']):.0f} | {flow['seconds']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 
