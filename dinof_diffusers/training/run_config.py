@@ -41,8 +41,8 @@ from ..config_utils import public_config
 from ..data import DIGITS_SPLITS
 from ..hub_utils import is_local_path, model_file
 from ..models.flow_prior import FlowPriorModel
-from ..models.ncsnpp import NCSNppModel
 from ..models.gaussian_prior import COVARIANCE_TYPES
+from ..models.ncsnpp import NCSNppModel
 from ..schedulers.scheduling_dinof import SDE_TYPES, DiNofScheduler
 from ..validation import check_choice, check_int, check_number, check_positive_int
 from .losses import LOSS_REDUCTIONS
