@@ -220,7 +220,7 @@ def test_load_demo_reads_the_data_set_from_the_model_card(app, pipeline, tmp_pat
     demo = app.load_demo(str(tmp_path / "pipeline"), device="cpu")
     # the data's x(t*): all 1,797 digits at 8x8 in [0, 1], plus noise of std sigma(t*)
     assert demo.data_x_t_star.shape == (1000, 1, 8, 8) and demo.data_name.startswith("scikit-learn digits")
-    noise_std = (demo.data_x_t_star - digits_tensor()[:1000]).std().item()
+    noise_std = (demo.data_x_t_star - digits_tensor(split="all")[:1000]).std().item()
     assert noise_std == pytest.approx(demo.sigma(0.6), rel=0.02)
 
     with pytest.raises(FileNotFoundError, match="holds no model_index.json"):

@@ -57,18 +57,18 @@ def test_train_py_gaussian_prior_saves_the_closed_form_prior_with_the_frozen_net
     prior = pipeline.flow_prior
     assert isinstance(prior, GaussianPriorModel) and prior.config.covariance == "full"
     assert pipeline.scheduler.config.flow_start == prior.config.flow_start == 0.3
-    assert prior.config.num_images == 1797  # train.py's digits: all of them
+    assert prior.config.num_images == 1500  # train.py's digits: the train split (--digits_split train)
     for name, weight in original.unet.state_dict().items():  # the score network is copied unchanged
         assert torch.equal(weight, pipeline.unet.state_dict()[name]), name
 
     # exactly the Gaussian fitted to the same images in closed form
-    digits = images_to_tensor(digits_images(8), pipeline.scheduler.data_range)
+    digits = images_to_tensor(digits_images(8, split="train"), pipeline.scheduler.data_range)
     expected = GaussianPriorModel.fit(digits, pipeline.scheduler, show_progress=False)
     x = diffuse_images(digits[:50], pipeline.scheduler, num_draws=1)[0].float()
     torch.testing.assert_close(prior.log_prob(x), expected.log_prob(x), rtol=1e-5, atol=1e-3)
 
     card = (gaussian_pipeline_dir / "README.md").read_text()
-    assert "Gaussian prior" in card and "fitted to 1797 images" in card
+    assert "Gaussian prior" in card and "fitted to 1500 images" in card
     assert (gaussian_pipeline_dir / "samples.png").is_file()
     generator = torch.Generator().manual_seed(0)
     images = pipeline(batch_size=2, num_inference_steps=3, generator=generator, output_type="np").images
@@ -88,7 +88,7 @@ def test_train_py_gaussian_prior_diagonal_with_mirror_images(train_script, train
     ]  # fmt: skip
     train_script.main(train_script.parse_args(arguments))
     prior = GaussianPriorModel.from_pretrained(str(tmp_path), subfolder="flow_prior")
-    assert prior.config.covariance == "diagonal" and prior.config.num_images == 2 * 1797
+    assert prior.config.covariance == "diagonal" and prior.config.num_images == 2 * 1500
     mean = prior.mean.reshape(8, 8)
     torch.testing.assert_close(mean, mean.flip(-1))  # the mirror images make it symmetric
 

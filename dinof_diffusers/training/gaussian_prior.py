@@ -21,7 +21,7 @@ from ..file_utils import remove_temporary_files
 from ..models.gaussian_prior import GaussianPriorModel
 from ..pipelines.dinof import DiNofPipeline
 from . import checkpoints
-from .data import image_transforms, load_training_dataset, reference_images
+from .data import IMAGE_DECODE_ERRORS, ImageReader, image_transforms, load_training_dataset, reference_images
 from .model_card import run_model_card
 from .run_config import RunConfig, build_models
 from .samples import make_pipeline, sample_grid
@@ -34,8 +34,8 @@ class _ImageBatches:
     """The run's images as (B, C, H, W) batches, with their mirror images appended for `--random_flip`; iterable
     again and again (the low-rank moments of large images read the data several times)."""
 
-    def __init__(self, run: RunConfig, dataset, data_range):
-        self.dataset, self.column = dataset, run.image_column
+    def __init__(self, run: RunConfig, reader: ImageReader, data_range):
+        self.reader, self.dataset, self.column = reader, reader.dataset, run.image_column
         self.transform = image_transforms(run, data_range, augment=False)
         self.flip = run.random_flip
 
@@ -44,11 +44,21 @@ class _ImageBatches:
 
     def __iter__(self):
         for start in range(0, len(self.dataset), BATCH_SIZE):
-            # slices of the data set decode a batch at once (many times faster than item by item)
-            images = torch.stack(
-                [self.transform(image) for image in self.dataset[start : start + BATCH_SIZE][self.column]]
-            )
+            indices = range(start, min(start + BATCH_SIZE, len(self.dataset)))
+            try:  # slices of the data set decode a batch at once (many times faster than item by item)
+                decoded = self.dataset[start : indices.stop][self.column]
+            except IMAGE_DECODE_ERRORS:  # an unreadable image: item by item, each bad one named and skipped
+                decoded = [image for image in map(self._read_or_skip, indices) if image is not None]
+            if not decoded:
+                continue
+            images = torch.stack([self.transform(image) for image in decoded])
             yield torch.cat([images, images.flip(-1)]) if self.flip else images
+
+    def _read_or_skip(self, index: int):
+        image, problem = self.reader.read(index)
+        if image is None:
+            logger.warning("Skipping the unreadable image %s (%s).", self.reader.name(index), problem)
+        return image
 
 
 def fit_gaussian_prior(run: RunConfig) -> Optional[DiNofPipeline]:
@@ -73,7 +83,8 @@ def fit_gaussian_prior(run: RunConfig) -> Optional[DiNofPipeline]:
         remove_temporary_files(run.output_dir)
         unet, _, scheduler = build_models(run)
         dataset, dataset_description = load_training_dataset(run)
-        batches = _ImageBatches(run, dataset, scheduler.data_range)
+        reader = ImageReader(dataset, run.image_column)
+        batches = _ImageBatches(run, reader, scheduler.data_range)
         prior = GaussianPriorModel.fit(batches, scheduler, covariance=run.gaussian_covariance, seed=run.seed)
         fit_seconds = time.perf_counter() - start
         logger.info(
@@ -85,7 +96,7 @@ def fit_gaussian_prior(run: RunConfig) -> Optional[DiNofPipeline]:
         )
         unet.eval().requires_grad_(False)
         pipeline = make_pipeline(unet=unet, flow_prior=prior, scheduler=scheduler)
-        grid, _, nfe = sample_grid(run, pipeline, reference_images(dataset, run, scheduler.data_range))
+        grid, _, nfe = sample_grid(run, pipeline, reference_images(reader, run, scheduler.data_range))
         card = run_model_card(
             run,
             dataset_description,
