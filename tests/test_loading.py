@@ -159,6 +159,26 @@ def test_bundled_copy_loads_without_the_package(tmp_path):
         assert code_files(f"{folder}-again") == code_files(folder)  # a bundled pipeline bundles again, the same
 
 
+def test_push_to_hub_uploads_the_bundled_copy_without_checkpoints(tmp_path, monkeypatch):
+    from dinof_diffusers.training import checkpoints
+
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path)  # what train.py saves: package-based, beside its checkpoints and logs
+    uploads = []
+    monkeypatch.setattr(checkpoints, "create_repo", lambda repo_id, **kwargs: argparse.Namespace(repo_id=repo_id))
+    monkeypatch.setattr(checkpoints, "upload_folder", lambda **kwargs: uploads.append(kwargs))
+    run = argparse.Namespace(
+        output_dir=str(tmp_path), hub_model_id="you/dinof", hub_private_repo=False, hub_token=None, logging_dir="logs"
+    )
+    assert checkpoints.push_to_hub(run, pipe, commit_message="DiNof") == "you/dinof"
+    (upload,) = uploads
+    assert upload["repo_id"] == "you/dinof" and upload["folder_path"] == str(tmp_path)
+    assert {"checkpoint-*", "logs/*", "samples/*"} <= set(upload["ignore_patterns"])
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_dinof", "DiNofPipeline"]  # trust_remote_code=True loads it
+    assert (tmp_path / "pipeline_dinof.py").is_file() and (tmp_path / "scheduler" / "scheduler_component.py").is_file()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Arguments: the scheduler family, NumPy integers, non-finite output
 # ----------------------------------------------------------------------------------------------------------------------

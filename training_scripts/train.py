@@ -42,7 +42,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from dinof_diffusers.code_bundle import write_code_bundle
 from dinof_diffusers.file_utils import check_writable_folder, finish_interrupted_swap, remove_temporary_files
 from dinof_diffusers.image_utils import save_image_atomically
 from dinof_diffusers.schedulers import DiNofScheduler
@@ -357,8 +356,7 @@ def main(run: RunConfig):
         logger.info("Saved the pipeline to %s", run.output_dir)
 
         if run.push_to_hub:
-            write_code_bundle(pipeline, run.output_dir)  # loads without the package: trust_remote_code=True
-            checkpoints.push_to_hub(run, commit_message=f"DiNof, {state.global_step} steps")
+            checkpoints.push_to_hub(run, pipeline, commit_message=f"DiNof, {state.global_step} steps")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

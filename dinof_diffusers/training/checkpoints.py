@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 import torch
 from huggingface_hub import create_repo, upload_folder
 
+from ..code_bundle import write_code_bundle
 from ..config_utils import public_config
 from ..file_utils import (
     SWAP_NEW,
@@ -456,9 +457,14 @@ def _pipeline_components(folder: Union[str, os.PathLike]) -> List[str]:
     return [name for name in index if not name.startswith("_") and os.path.basename(name) == name]
 
 
-def push_to_hub(run, commit_message: str) -> str:
-    """Uploads the pipeline in `run.output_dir` (not its checkpoints, logs and sample grids) to the Hub repository
-    `run.hub_model_id` (default: the output folder's name), created if needed; returns the repository id."""
+def push_to_hub(run, pipeline, commit_message: str) -> str:
+    """Uploads the pipeline saved in `run.output_dir` (not its checkpoints, logs and sample grids) to the Hub
+    repository `run.hub_model_id` (default: the output folder's name), created if needed; returns the repository id.
+
+    The folder first becomes the self-contained copy of `pipeline` (`code_bundle.write_code_bundle`), so that the
+    repository loads with `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)` without the package.
+    """
+    write_code_bundle(pipeline, run.output_dir)
     repo_id = run.hub_model_id or os.path.basename(os.path.normpath(run.output_dir))
     repo_id = create_repo(repo_id, exist_ok=True, private=run.hub_private_repo, token=run.hub_token).repo_id
     upload_folder(
