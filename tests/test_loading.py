@@ -284,26 +284,55 @@ def test_sample_compares_dinof_and_the_baseline_on_one_grid(sample_script, tmp_p
     assert report["baseline"]["steps"] == 10 and report["dinof"]["steps"] == 6  # int(10 * 0.6) from t*
     assert report["dinof"]["nfe"] / report["baseline"]["nfe"] == 0.6
     assert (out / "dinof.png").is_file() and (out / "baseline.png").is_file()
+    assert report["dinof"]["prior"] == "flow" and report["baseline"]["prior"] == "sde"
+    assert report["dinof"]["sampler"] == "pc" and "ode_solver" not in report["dinof"]
     sample_script.main([*base, "--num_inference_steps", "10"])  # alone: DiNof's own steps from t*
     assert json.loads((out / "sampling.json").read_text())["dinof"]["steps"] == 10
+
+    # The probability-flow ODE, same rule on steps: Heun's n steps cost 2n - 1 evaluations.
+    sample_script.main([*base, "--compare_baseline", "--num_inference_steps", "10", "--sampler", "ode",
+                        "--ode_solver", "heun", "--timestep_spacing", "karras"])  # fmt: skip
+    report = json.loads((out / "sampling.json").read_text())
+    assert (report["baseline"]["steps"], report["baseline"]["nfe"]) == (10, 19)
+    assert (report["dinof"]["steps"], report["dinof"]["nfe"]) == (6, 11)
+    for name, prior in (("dinof", "flow"), ("baseline", "sde")):
+        assert {key: report[name][key] for key in ("prior", "sampler", "ode_solver", "timestep_spacing")} == {
+            "prior": prior, "sampler": "ode", "ode_solver": "heun", "timestep_spacing": "karras",
+        }  # fmt: skip
+    sample_script.main([*base, "--prior", "sde", "--sampler", "ode", "--ode_solver", "rk45", "--rtol", "1e-3"])
+    report = json.loads((out / "sampling.json").read_text())
+    assert list(report) == ["baseline"] and report["baseline"]["rtol"] == 1e-3 and report["baseline"]["atol"] == 1e-5
+    assert report["baseline"]["nfe"] > 0 and report["baseline"]["use_flow_prior"] is False
 
 
 def test_sample_reports_bad_input_clearly(sample_script, tmp_path, capsys):
     tiny_pipeline().save_pretrained(tmp_path / "pipeline")
+    tiny_pipeline(flow=False, continuous=False).save_pretrained(tmp_path / "discrete")
     (tmp_path / "a_file").write_text("")
     pipeline = ["--pipeline", str(tmp_path / "pipeline")]
+    out = [*pipeline, "--output_dir", str(tmp_path)]
+    discrete = ["--pipeline", str(tmp_path / "discrete"), "--output_dir", str(tmp_path)]
     cases = [
         ([*pipeline, "--output_dir", str(tmp_path / "a_file")], "--output_dir .* is a file"),
         ([*pipeline, "--output_dir", str(tmp_path / "a_file" / "under")], "--output_dir .* cannot be written to"),
         (["--pipeline", str(tmp_path / "pipline"), "--output_dir", str(tmp_path)], "No such folder"),
-        ([*pipeline, "--output_dir", str(tmp_path), "--num_inference_steps", "80"], "num_inference_steps"),
-        ([*pipeline, "--output_dir", str(tmp_path), "--num_inference_steps", "1", "--compare_baseline"], "0 steps"),
+        ([*out, "--num_inference_steps", "80"], "num_inference_steps"),
+        ([*out, "--num_inference_steps", "1", "--compare_baseline"], "0 steps"),
+        # the prior and the sampler: a flag the choice would ignore, and what only the pipeline can tell
+        ([*out, "--ode_solver", "heun"], "--ode_solver: only with --sampler ode"),
+        ([*out, "--sampler", "ode", "--ode_solver", "rk45", "--num_inference_steps", "4"], "does not apply to .*rk45"),
+        ([*out, "--sampler", "ode", "--atol", "1e-3"], "--atol: rk45's tolerances"),
+        ([*out, "--prior", "sde", "--flow_temperature", "0.5"], "--flow_temperature has no effect"),
+        ([*out, "--prior", "sde", "--compare_baseline"], "--compare_baseline"),
+        ([*out, "--sampler", "dinof"], "invalid choice|must be one of"),  # the deprecated names are evaluate.py's
+        ([*discrete, "--prior", "flow"], "^2 .*--prior flow needs a pipeline with a flow prior"),
+        ([*discrete, "--sampler", "ode"], "^2 .*--sampler ode: .*continuous-time model"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             sample_script.main([*argv, "--num_images", "1", "--device", "cpu"])
         text = f"{exit_info.value.code} {capsys.readouterr().err}"
-        assert exit_info.value.code != 0 and re.search(message, text), (argv, text)
+        assert exit_info.value.code != 0 and re.search(message, text, re.S), (argv, text)
     assert not (tmp_path / "sampling.json").exists()
 
 

@@ -1,16 +1,29 @@
 #!/usr/bin/env python
 """Evaluate a DiNof pipeline: generate samples (resumably, on one process or many) and compute FID / IS / KID /
-precision-recall with one or several feature extractors.
+precision-recall with one or several feature extractors; with --likelihood, the bits/dim of held-out images under
+the flow prior and the SDE prior.
 
 Samples go to `<output_dir>/samples/` (an interrupted run resumes where it stopped, byte-identically, on any number
-of processes); the metrics of every feature extractor, NFE, seconds per image, the throughput, the sampler and model
-configuration and the weights' fingerprint go to `<output_dir>/metrics.json`.
+of processes); the metrics of every feature extractor, NFE, seconds per image, the throughput, the prior, sampler
+and model configuration and the weights' fingerprint go to `<output_dir>/metrics.json`.
+
+The prior and the sampler are two choices: --prior flow (the flow prior's sample at t*: DiNof; the default for a
+pipeline with a flow) or sde (the SDE prior at T: the baseline), and --sampler pc (predictor-corrector, default) or
+ode (the probability-flow ODE: --ode_solver heun|euler|rk45, --timestep_spacing uniform|karras, --rtol, --atol). The
+old --sampler dinof / baseline still work (deprecated: --prior flow / sde --sampler pc).
 
 Offline, on the embedded digits (the digit classifier is trained once and cached; see
 `dinof_diffusers.evaluation.digits_classifier`):
 
     python training_scripts/evaluate.py --pipeline outputs/demo/pipeline --output_dir outputs/demo/eval \
         --num_samples 1000 --reference digits
+    # the probability-flow ODE from the flow prior, 20 Heun steps on the Karras grid (39 network evaluations)
+    python training_scripts/evaluate.py --pipeline outputs/demo/pipeline --output_dir outputs/demo/eval-heun \
+        --num_samples 1000 --reference digits:test --sampler ode --ode_solver heun --num_inference_steps 20 \
+        --timestep_spacing karras
+    # bits/dim of the 297 held-out test digits, flow prior and SDE prior side by side (no samples)
+    python training_scripts/evaluate.py --pipeline outputs/demo/pipeline --output_dir outputs/demo/eval \
+        --metrics none --likelihood
 
 The paper's metrics (torch-fidelity's Inception-v3, downloaded by torch-fidelity on first use) and FD-DINOv2 from the
 same samples, on 8 GPUs (each process makes whole batches; the dump is the same as on one process):
@@ -18,6 +31,15 @@ same samples, on 8 GPUs (each process makes whole batches; the dump is the same 
     accelerate launch --multi_gpu --num_processes 8 training_scripts/evaluate.py --pipeline <dir or hub id> \
         --output_dir eval --num_samples 50000 --reference cifar10-train \
         --feature_extractor inception-v3-compat dinov2-hf-vit-l-14
+    # CIFAR-10's test bits/dim (a `datasets` name with its split), sharded by batch across the 8 processes
+    accelerate launch --multi_gpu --num_processes 8 training_scripts/evaluate.py --pipeline <dir or hub id> \
+        --output_dir eval --metrics none --likelihood --likelihood_data cifar10:test --likelihood_batch_size 100
+
+--likelihood writes, under "likelihood" in metrics.json, the mean bits/dim of the images with its standard error
+for each prior and their paired difference (flow - sde), from the probability-flow ODE (rk45 at --rtol / --atol)
+with Hutchinson's trace estimator and uniform dequantization. Batch b of the images has its own seeds, so the value
+does not depend on the number of processes; finished batches are recorded in `<output_dir>/likelihood.json`, from
+which an interrupted run resumes. With --metrics none it runs alone (no samples are generated).
 
 Under `accelerate launch`, each process uses the device accelerate gives it (`--device` is for plain runs). The
 reference and the feature extractors' weights are fetched (or found in their caches) before the first sample
@@ -45,24 +67,41 @@ from dinof_diffusers.evaluation import (
     default_feature_extractor,
     digits_classifier_info,
     generate_samples,
+    is_digits_reference,
     prepare_metrics,
     registered_feature_extractors,
     run_on_main_process,
+    weights_fingerprint,
 )
 from dinof_diffusers.evaluation.digits_classifier import default_cache_dir, default_classifier_path
 from dinof_diffusers.evaluation.distributed import process_state
+from dinof_diffusers.evaluation.likelihood import LIKELIHOOD_RECORDS_NAME, likelihood_images, resumable_likelihood
+from dinof_diffusers.evaluation.sampler_flags import (
+    add_sampler_arguments,
+    check_pipeline_sampler,
+    check_sampler_arguments,
+    sampler_keywords,
+    sampler_record,
+)
 from dinof_diffusers.file_utils import write_json_atomically
 from dinof_diffusers.hub_utils import is_local_path
 from dinof_diffusers.pipelines.dinof import DiNofPipeline
 from dinof_diffusers.schedulers.scheduling_dinof import CORRECTORS, LANGEVIN_NORMS, PREDICTORS  # checked up front
 from dinof_diffusers.validation import check_int, check_number, check_positive_int
 
-SAMPLERS = ("dinof", "baseline")
-# Sampler options that are scheduler configuration keys rather than pipeline call arguments.
+# Sampler options that are scheduler configuration keys rather than pipeline call arguments (the PC sampler's).
 SCHEDULER_FLAGS = ("snr", "langevin_norm", "corrector", "predictor", "correct_steps")
+TRACE_ESTIMATORS = ("rademacher", "gaussian")  # the pipeline's "exact" is for analytic test models
+LIKELIHOOD_FLAGS = (
+    "likelihood_data",
+    "likelihood_max_samples",
+    "likelihood_batch_size",
+    "trace_estimator",
+    "num_bits",
+)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True, help="Folder or Hub id of a saved DiNofPipeline.")
     parser.add_argument("--output_dir", required=True, help="Where `samples/` and `metrics.json` are written.")
@@ -97,7 +136,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics",
         default=",".join(SUPPORTED_METRICS),
-        help=f"Comma-separated subset of {','.join(SUPPORTED_METRICS)}; 'none' only generates.",
+        help=f"Comma-separated subset of {','.join(SUPPORTED_METRICS)}; 'none' only generates (with --likelihood: "
+        "generates nothing, only the likelihood is computed).",
     )
     parser.add_argument(
         "--feature_extractor_weights_path",
@@ -109,14 +149,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "download for Inception, the cached classifier for dinof-digits, the Hub (cached) for DINOv2.",
     )
     parser.add_argument("--kid_subset_size", type=int, default=1000, help="Reduced to the sample counts if larger.")
+    add_sampler_arguments(parser, accept_deprecated=True)
     parser.add_argument(
-        "--sampler",
-        default="dinof",
-        choices=SAMPLERS,
-        help="dinof: flow prior to x(t*), then the PC steps from t*; baseline: the full PC sampler from the SDE prior.",
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="PC steps or heun / euler ODE steps from the prior's time. Default: the scheduler's (int(N * flow_start) "
+        "from t*, N from T).",
     )
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the scheduler's own.")
-    parser.add_argument("--flow_temperature", type=float, default=None, help="Flow prior temperature (default 1).")
     parser.add_argument("--snr", type=float, default=None, help="Corrector signal-to-noise ratio (scheduler config).")
     parser.add_argument("--langevin_norm", default=None, choices=LANGEVIN_NORMS, help="Scheduler config override.")
     parser.add_argument("--corrector", default=None, choices=CORRECTORS, help="Scheduler config override.")
@@ -130,6 +170,28 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="Replace a sample dump in output_dir made with other arguments or other weights.",
     )
     parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
+    likelihood = parser.add_argument_group("likelihood (bits/dim of held-out images)")
+    likelihood.add_argument("--likelihood", action="store_true", help="Compute bits/dim, flow and SDE prior.")
+    likelihood.add_argument(
+        "--likelihood_data",
+        default=None,
+        help="The images: digits:test (the 297 held-out digits, the default with a digits --reference or none), a "
+        "folder of images, a folder saved by datasets, or a datasets name as 'name:split' (default split test).",
+    )
+    likelihood.add_argument("--likelihood_max_samples", type=int, default=None, help="Only the first N images.")
+    likelihood.add_argument("--likelihood_batch_size", type=int, default=None, help="Images per ODE solve (64).")
+    likelihood.add_argument(
+        "--trace_estimator", default=None, choices=TRACE_ESTIMATORS, help="Hutchinson probes (default rademacher)."
+    )
+    likelihood.add_argument("--num_bits", type=int, default=None, help="Bit depth of the data (default 8).")
+    likelihood.add_argument(
+        "--no_dequantize", action="store_true", help="No uniform dequantization noise (the data as given)."
+    )
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     validate_args(args, parser)
@@ -145,12 +207,14 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             check_positive_int(getattr(args, flag), f"--{flag}", allow_none=True)
         check_int(args.seed, "--seed", minimum=0)
         check_int(args.correct_steps, "--correct_steps", minimum=0, allow_none=True)
-        for flag in ("snr", "flow_temperature"):
-            check_number(getattr(args, flag), f"--{flag}", minimum=0.0, exclusive_minimum=True, allow_none=True)
+        check_number(args.snr, "--snr", minimum=0.0, exclusive_minimum=True, allow_none=True)
+        check_sampler_arguments(args, uses_tolerances=args.likelihood)
+        _validate_likelihood(args)
     except ValueError as error:
         parser.error(str(error))
-    if args.flow_temperature is not None and args.sampler == "baseline":
-        parser.error("--flow_temperature has no effect with --sampler baseline (no flow prior).")
+    pc_flags = [f"--{flag}" for flag in SCHEDULER_FLAGS if getattr(args, flag) is not None]
+    if pc_flags and args.sampler == "ode":
+        parser.error(f"{' and '.join(pc_flags)}: options of the PC sampler, not of --sampler ode.")
 
     names = [name.strip().lower() for name in args.metrics.split(",") if name.strip()]
     if names == ["none"]:
@@ -174,6 +238,30 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} requested but CUDA is not available.")
     _validate_feature_extractors(args, parser)
+
+
+def _validate_likelihood(args: argparse.Namespace) -> None:
+    """The likelihood flags: only with --likelihood; their defaults; the data (digits:test with the digits)."""
+    given = [f"--{flag}" for flag in LIKELIHOOD_FLAGS if getattr(args, flag) is not None]
+    given += ["--no_dequantize"] if args.no_dequantize else []
+    if not args.likelihood:
+        if given:
+            raise ValueError(f"{' and '.join(given)}: only with --likelihood.")
+        return
+    for flag in ("likelihood_max_samples", "likelihood_batch_size", "num_bits"):
+        check_positive_int(getattr(args, flag), f"--{flag}", allow_none=True)
+    args.likelihood_batch_size = args.likelihood_batch_size or 64
+    args.trace_estimator = args.trace_estimator or "rademacher"
+    args.num_bits = args.num_bits or 8
+    if args.likelihood_data is None:
+        if args.reference is not None and not is_digits_reference(args.reference):
+            raise ValueError(
+                "--likelihood needs --likelihood_data (the held-out images) when --reference is not the digits; "
+                "e.g. a datasets name as 'name:test' or a folder of images."
+            )
+        args.likelihood_data = "digits:test"
+    if is_local_path(args.likelihood_data) and not os.path.exists(args.likelihood_data):
+        raise ValueError(f"--likelihood_data {args.likelihood_data!r} looks like a path but does not exist.")
 
 
 def _validate_feature_extractors(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -204,22 +292,25 @@ def _validate_feature_extractors(args: argparse.Namespace, parser: argparse.Argu
 
 
 def configure_sampler(args: argparse.Namespace, pipeline) -> Dict[str, Any]:
-    """Sets the scheduler options of the chosen sampler on `pipeline` and returns its pipeline call arguments.
+    """Checks the prior and sampler against `pipeline`, sets the PC sampler's scheduler options on it and returns its
+    pipeline call arguments.
 
-    All of the sampler's flags are read here (and only here), so that a new sampler or prior is one change.
+    All of the sampler's flags are read here (and in `sampler_flags`), so that a new sampler or prior is one change.
+
+    Raises:
+        EvaluationError: `--prior flow` without a flow prior, `--sampler ode` for a discrete-time model, `--likelihood`
+            for a discrete-time model.
     """
-    if args.sampler == "dinof" and getattr(pipeline, "flow_prior", True) is None:
+    check_pipeline_sampler(args, pipeline)
+    scheduler = getattr(pipeline, "scheduler", None)
+    if args.likelihood and scheduler is not None and not scheduler.config.continuous:
         raise EvaluationError(
-            "--sampler dinof needs a pipeline with a flow prior; this one has none (use --sampler baseline)."
+            "--likelihood needs a continuous-time model (the probability-flow ODE); this pipeline's scheduler is "
+            "discrete (SMLD / DDPM)."
         )
-    if getattr(pipeline, "scheduler", None) is not None:
+    if scheduler is not None:
         configure_scheduler(pipeline, **{flag: getattr(args, flag) for flag in SCHEDULER_FLAGS})
-    kwargs: Dict[str, Any] = {"use_flow_prior": args.sampler == "dinof"}
-    if args.num_inference_steps is not None:
-        kwargs["num_inference_steps"] = args.num_inference_steps
-    if args.sampler == "dinof":
-        kwargs["flow_temperature"] = 1.0 if args.flow_temperature is None else args.flow_temperature
-    return kwargs
+    return sampler_keywords(args)
 
 
 def resolve_device(args: argparse.Namespace, state) -> torch.device:
@@ -268,8 +359,9 @@ def metric_options(args: argparse.Namespace, pipeline, device: torch.device) -> 
 
 
 def evaluate(args: argparse.Namespace, pipeline, state=None) -> Optional[Dict[str, Any]]:
-    """Configures the sampler of `pipeline`, fetches what the metrics need, generates the samples (this process's
-    share of them), and on the main process computes the metrics and writes `metrics.json`.
+    """Configures the sampler of `pipeline`, fetches what the metrics need, generates the samples and computes the
+    likelihood (this process's share of each), and on the main process computes the metrics and writes
+    `metrics.json`.
 
     Args:
         args: the validated arguments of `parse_args`.
@@ -280,8 +372,9 @@ def evaluate(args: argparse.Namespace, pipeline, state=None) -> Optional[Dict[st
         The report written to `metrics.json` on the main process; `None` on the other processes.
 
     Raises:
-        EvaluationError: a dump of other weights or arguments in `output_dir`, a reference or extractor that cannot
-            be fetched, non-finite samples, `--device` under a multi-process launch.
+        EvaluationError: a dump or likelihood records of other weights or arguments in `output_dir`, a reference or
+            extractor that cannot be fetched, non-finite samples, `--device` under a multi-process launch, a prior or
+            sampler the pipeline cannot run.
     """
     state = process_state(state)
     device = resolve_device(args, state)
@@ -291,19 +384,44 @@ def evaluate(args: argparse.Namespace, pipeline, state=None) -> Optional[Dict[st
     options = metric_options(args, pipeline, device)
     if args.metrics:  # before the first sample: a missing download must not wait for hours of sampling
         run_on_main_process(lambda: prepare_metrics(**options), state)
+    images = None
+    if args.likelihood:  # read before the first sample too
+        channels = pipeline.unet.config.in_channels
+        images = likelihood_images(
+            args.likelihood_data, _sample_size(pipeline), channels, args.likelihood_max_samples, args.cache_dir, state
+        )
 
-    samples_dir = os.path.join(args.output_dir, "samples")
-    generation = generate_samples(
-        pipeline,
-        samples_dir,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        show_progress=not args.no_progress,
-        state=state,
-        **sampler_kwargs,
-    )
+    generation = None
+    if args.metrics or not args.likelihood:
+        generation = generate_samples(
+            pipeline,
+            os.path.join(args.output_dir, "samples"),
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            show_progress=not args.no_progress,
+            state=state,
+            **sampler_kwargs,
+        )
+    likelihood = None
+    if images is not None:
+        likelihood = resumable_likelihood(
+            pipeline,
+            images,
+            os.path.join(args.output_dir, LIKELIHOOD_RECORDS_NAME),
+            batch_size=args.likelihood_batch_size,
+            seed=args.seed,
+            num_bits=args.num_bits,
+            dequantize=not args.no_dequantize,
+            trace_estimator=args.trace_estimator,
+            rtol=args.rtol,
+            atol=args.atol,
+            data=args.likelihood_data,
+            overwrite=args.overwrite,
+            show_progress=not args.no_progress,
+            state=state,
+        )
     state.wait_for_everyone()
     if not state.is_main_process:
         return None  # scoring runs once, on the main process
@@ -315,29 +433,22 @@ def evaluate(args: argparse.Namespace, pipeline, state=None) -> Optional[Dict[st
         metrics = compute_metrics(generation["files"], kid_subset_size=args.kid_subset_size, **options)
         metrics_seconds = time.perf_counter() - start
     report = build_report(args, pipeline, generation, sampler_kwargs, metrics, metrics_seconds, device)
+    if likelihood is not None:
+        report["likelihood"] = {
+            "data": args.likelihood_data,
+            "records": os.path.join(args.output_dir, LIKELIHOOD_RECORDS_NAME),
+            **likelihood.to_dict(),
+        }
     write_json_atomically(report, os.path.join(args.output_dir, "metrics.json"))
     return report
 
 
 def build_report(args, pipeline, generation, sampler_kwargs, metrics, metrics_seconds, device) -> Dict[str, Any]:
-    """What `metrics.json` holds."""
+    """What `metrics.json` holds (without the likelihood); the sampling entries only when samples were generated."""
     import diffusers
     import torch_fidelity
 
     report: Dict[str, Any] = {
-        "metrics": metrics,
-        "feature_extractors": args.feature_extractor if args.metrics else [],
-        "nfe": generation["nfe"],
-        "seconds_per_image": generation["seconds_per_image"],
-        "throughput": generation["throughput"],
-        "num_processes": generation["num_processes"],
-        "metrics_seconds": metrics_seconds,
-        "num_samples": args.num_samples,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "samples_dir": generation["output_dir"],
-        "reference": args.reference,
-        "sampler": {"name": args.sampler, **sampler_kwargs},
         "scheduler": {
             "class": type(getattr(pipeline, "scheduler", None)).__name__,
             "config": _component_config(getattr(pipeline, "scheduler", None)),
@@ -345,7 +456,9 @@ def build_report(args, pipeline, generation, sampler_kwargs, metrics, metrics_se
         "model": {
             "pipeline": args.pipeline,
             "class": type(pipeline).__name__,
-            "weights_fingerprint": generation["weights_fingerprint"],
+            "weights_fingerprint": weights_fingerprint(pipeline)
+            if generation is None
+            else generation["weights_fingerprint"],
             "unet": _component_config(getattr(pipeline, "unet", None)),
             "flow_prior": _component_config(getattr(pipeline, "flow_prior", None)),
         },
@@ -357,6 +470,24 @@ def build_report(args, pipeline, generation, sampler_kwargs, metrics, metrics_se
         },
         "argv": getattr(args, "argv", None),
     }
+    if generation is not None:
+        report.update(
+            {
+                "metrics": metrics,
+                "feature_extractors": args.feature_extractor if args.metrics else [],
+                "nfe": generation["nfe"],
+                "seconds_per_image": generation["seconds_per_image"],
+                "throughput": generation["throughput"],
+                "num_processes": generation["num_processes"],
+                "metrics_seconds": metrics_seconds,
+                "num_samples": args.num_samples,
+                "batch_size": args.batch_size,
+                "seed": args.seed,
+                "samples_dir": generation["output_dir"],
+                "reference": args.reference,
+                "sampler": sampler_record(args, sampler_kwargs),
+            }
+        )
     if args.metrics and DIGITS_FEATURE_EXTRACTOR_NAME in args.feature_extractor:
         cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
         classifier_path = args.feature_extractor_weights.get(DIGITS_FEATURE_EXTRACTOR_NAME)
@@ -366,16 +497,29 @@ def build_report(args, pipeline, generation, sampler_kwargs, metrics, metrics_se
 
 def format_table(report: Dict[str, Any]) -> str:
     """The report's headline numbers as a two-column text table."""
-    rows = [("sampler", report["sampler"]["name"]), ("samples", str(report["num_samples"]))]
-    nfe = report["nfe"]
-    rows.append(("NFE per image", "n/a" if nfe is None else f"{nfe:g}"))
-    rows.append(("seconds per image", f"{report['seconds_per_image']:.4g}"))
-    throughput = report["throughput"]
-    if throughput is not None:
-        rows.append((f"images / s ({report['num_processes']} processes)", f"{throughput['images_per_second']:.4g}"))
-    for extractor, values in report["metrics"].items():
-        for key, value in values.items():
-            rows.append((f"{key} [{extractor}]", f"{value:.6g}"))
+    rows = []
+    if "sampler" in report:
+        sampler = report["sampler"]
+        solver = f" {sampler['ode_solver']}" if "ode_solver" in sampler else ""
+        rows.append(("prior, sampler", f"{sampler['prior']}, {sampler['sampler']}{solver}"))
+        rows.append(("samples", str(report["num_samples"])))
+        nfe = report["nfe"]
+        rows.append(("NFE per image", "n/a" if nfe is None else f"{nfe:g}"))
+        rows.append(("seconds per image", f"{report['seconds_per_image']:.4g}"))
+        throughput = report["throughput"]
+        if throughput is not None:
+            processes = report["num_processes"]
+            rows.append((f"images / s ({processes} processes)", f"{throughput['images_per_second']:.4g}"))
+        for extractor, values in report["metrics"].items():
+            for key, value in values.items():
+                rows.append((f"{key} [{extractor}]", f"{value:.6g}"))
+    likelihood = report.get("likelihood")
+    if likelihood is not None:
+        estimates = {**likelihood["priors"], "flow - sde": likelihood["difference"]}
+        for name, estimate in estimates.items():
+            if estimate is not None:
+                value = f"{estimate['bits_per_dim']:.4f} ± {estimate['bits_per_dim_se']:.4f}"
+                rows.append((f"bits/dim [{name}] ({likelihood['num_images']} images)", value))
     width = max(len(name) for name, _ in rows)
     value_width = max(len(value) for _, value in rows)
     rule = "-" * (width + value_width + 3)
@@ -388,6 +532,10 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     state = process_state()
     with state.main_process_first():  # a Hub download once, not once per process
         pipeline = DiNofPipeline.from_pretrained(args.pipeline)
+    try:  # the flags that only the pipeline can check are usage errors too, before any work
+        configure_sampler(args, pipeline)
+    except EvaluationError as error:
+        build_parser().error(str(error))
     report = evaluate(args, pipeline, state)
     if report is not None:
         print(format_table(report))

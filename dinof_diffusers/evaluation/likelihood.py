@@ -6,19 +6,43 @@ The images are cut into batches of `batch_size` (the last one may be smaller); b
 and the same Hutchinson probes (the difference is paired image by image), and every batch can be computed on its own,
 in any order, by any process. rk45 shares its steps across a batch, so a value depends slightly on its batch: keep
 the batch size to reproduce a number (as for sample dumps).
+
+`resumable_likelihood` adds what evaluate.py's `--likelihood` needs around `evaluate_likelihood`: the batches shared
+out across the processes of `accelerate launch` (`run_sharded_batches`), and a records file written by the main
+process after every round, from which an interrupted run resumes (a file made with other settings, images or weights
+is refused). `likelihood_images` reads a data set's held-out images at a pipeline's size and channels.
 """
 
+import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from ..file_utils import write_json_atomically
 from ..validation import check_choice, check_positive_int
+from .distributed import process_state, run_on_main_process, run_sharded_batches
+from .errors import EvaluationError
 from .flow_gain import Estimate, mean_estimate
-from .sample_dump import batch_seed
+from .metrics import is_digits_reference, resolve_reference
+from .sample_dump import (
+    WEIGHTS_KEY,
+    batch_seed,
+    differing_keys,
+    jsonable,
+    list_images,
+    mismatch_reason,
+    scheduler_config,
+    weights_fingerprint,
+)
 
 # "flow": the pipeline's flow prior at t* (DiNof); "sde": the SDE prior at T (the baseline). docs/DESIGN.md names.
 LIKELIHOOD_PRIORS = ("flow", "sde")
@@ -210,3 +234,198 @@ def evaluate_likelihood(
         pipeline.set_progress_bar_config(disable=False)
     info = {"num_images": len(images), "batch_size": batch_size, "seed": seed, "settings": settings}
     return summarize_likelihood(records, images[0].numel(), priors, **info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate.py --likelihood: the held-out images, sharded and resumable
+# ----------------------------------------------------------------------------------------------------------------
+
+LIKELIHOOD_RECORDS_NAME = "likelihood.json"
+DEFAULT_LIKELIHOOD_SPLIT = "test"
+
+
+def likelihood_images(
+    data: str,
+    resolution: int,
+    num_channels: int,
+    max_samples: Optional[int] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    state=None,
+) -> torch.Tensor:
+    """The images of a data set as a float32 tensor (N, C, H, W) of values k / 255 in [0, 1].
+
+    The data are found and written as PNGs by `resolve_reference` (as evaluate.py's `--reference`), on the main
+    process only; every process then reads the folder.
+
+    Args:
+        data: "digits:test" (the 297 held-out digits of the fixed split), "digits:train", "digits"; a folder of images;
+            a folder written by `Dataset.save_to_disk`; or a `datasets` name, optionally "name:split" (default split
+            "test": held-out images).
+        resolution: side length (the pipeline's): digits are resized bilinearly, data sets and folders centre-cropped
+            and resized (bicubic) as references are.
+        num_channels: 1 (greyscale) or 3 (RGB); images are converted.
+        max_samples: only the first `max_samples` images.
+        cache_dir: where written images are cached; default `default_cache_dir()`.
+        state: an accelerate `PartialState`; default the current one.
+
+    Raises:
+        ValueError: a torch-fidelity registered input (its images are not files here), or no images.
+    """
+    from torch_fidelity.registry import DATASETS_REGISTRY
+
+    check_positive_int(max_samples, "max_samples", allow_none=True)
+    if data in DATASETS_REGISTRY:
+        raise ValueError(
+            f"{data!r} is a torch-fidelity input, whose images are not read here: give a `datasets` name with its "
+            "held-out split (e.g. 'cifar10:test'), a folder of images or 'digits:test'."
+        )
+
+    def resolve() -> str:
+        name, split = str(data), None
+        if not os.path.isdir(name) and not is_digits_reference(name):
+            name, _, split = name.partition(":")
+        return str(
+            resolve_reference(
+                name,
+                resolution=resolution,
+                cache_dir=cache_dir,
+                split=split or DEFAULT_LIKELIHOOD_SPLIT,
+                max_samples=max_samples,
+            )
+        )
+
+    folder = run_on_main_process(resolve, state)
+    files = list_images(folder)[:max_samples]
+    if not files:
+        raise ValueError(f"No images in {folder} (the likelihood's data {data!r}).")
+    mode = "L" if num_channels == 1 else "RGB"
+    arrays = []
+    for path in files:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+            if image.size != (resolution, resolution):
+                image = ImageOps.fit(image, (resolution, resolution), method=Image.BICUBIC)
+            arrays.append(np.asarray(image).reshape(resolution, resolution, num_channels))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255.0).contiguous()
+
+
+def _images_fingerprint(images: torch.Tensor) -> str:
+    digest = hashlib.sha256(f"{tuple(images.shape)}|{images.dtype}|".encode())
+    digest.update(images.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def _load_records(path: Path, identity: Dict[str, Any], overwrite: bool) -> Dict[str, Any]:
+    """The records file at `path` if it belongs to `identity`, a fresh one otherwise (or an `EvaluationError`)."""
+    if path.is_file():
+        try:
+            records = json.loads(path.read_text())
+            recorded = dict(records["identity"])
+            dict(records["batches"])
+        except (ValueError, KeyError, TypeError) as error:
+            if not overwrite:
+                raise EvaluationError(
+                    f"The likelihood records {path} cannot be read ({error}), so they cannot be resumed. Use another "
+                    "output folder or overwrite them (evaluate.py's --overwrite)."
+                ) from None
+            records, recorded = None, identity
+        differing = differing_keys(identity, recorded)
+        if differing and not overwrite:
+            raise EvaluationError(
+                f"{path} holds likelihood records that do not belong to this run: "
+                f"{mismatch_reason(identity, recorded, differing)}. Use another output folder, the same pipeline and "
+                "arguments to resume, or overwrite them (evaluate.py's --overwrite)."
+            )
+        if records is not None and not differing:
+            return records
+    records = {"identity": identity, "batches": {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(records, path)
+    return records
+
+
+def resumable_likelihood(
+    pipeline,
+    images: torch.Tensor,
+    records_path: Union[str, os.PathLike],
+    batch_size: int = 64,
+    seed: int = 0,
+    priors: Optional[Sequence[str]] = None,
+    num_bits: Optional[int] = 8,
+    dequantize: bool = True,
+    trace_estimator: str = "rademacher",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    data: Optional[str] = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    state=None,
+) -> LikelihoodResult:
+    """`evaluate_likelihood` with its batches shared out across processes and its finished batches written down.
+
+    Every process of an `accelerate launch` must call it with the same arguments: the batches are dealt out
+    round-robin (`run_sharded_batches`) and gathered after every round; the main process writes them to
+    `records_path` (atomically). A run interrupted at any point resumes from the batches recorded there, on any
+    number of processes, with the result of an uninterrupted run (every batch has its own seeds). The file's identity
+    (the images' fingerprint, the settings, the scheduler configuration and the weights' fingerprint) must match:
+    records of another one are refused unless `overwrite`.
+
+    Args:
+        pipeline (`DiNofPipeline`): a continuous-time pipeline, on this process's device.
+        images (`torch.Tensor` of shape `(N, C, H, W)`): values in [0, 1].
+        records_path: the records file (evaluate.py: `<output_dir>/likelihood.json`).
+        batch_size, seed, priors, num_bits, dequantize, trace_estimator, rtol, atol: as for `evaluate_likelihood`.
+        data (`str`, *optional*): the name of the images, recorded in the identity.
+        overwrite (`bool`, defaults to `False`): start afresh over records of another identity.
+        show_progress (`bool`, defaults to `True`): one progress bar, on the main process, counting every process's
+            images.
+        state: an accelerate `PartialState`; default the current one (one process when not launched).
+
+    Returns:
+        [`LikelihoodResult`], the same on every process.
+
+    Raises:
+        EvaluationError: records of another identity (without `overwrite`), or a batch that failed on any process.
+    """
+    state = process_state(state)
+    path = Path(records_path)
+    priors = default_priors(pipeline) if priors is None else list(priors)
+    settings = {
+        "batch_size": batch_size,
+        "seed": seed,
+        "priors": priors,
+        "num_bits": num_bits,
+        "dequantize": dequantize,
+        "trace_estimator": trace_estimator,
+        "rtol": rtol,
+        "atol": atol,
+    }
+    identity = jsonable(
+        {
+            "data": data,
+            "images": _images_fingerprint(images),
+            "num_images": len(images),
+            **settings,
+            "scheduler_config": scheduler_config(pipeline),
+            WEIGHTS_KEY: weights_fingerprint(pipeline),
+        }
+    )
+    records = run_on_main_process(lambda: _load_records(path, identity, overwrite), state)
+
+    def on_round(round_records: Dict[int, Dict[str, Any]]) -> None:
+        records["batches"].update({str(index): record for index, record in round_records.items()})
+        if state.is_main_process:
+            write_json_atomically(records, path)
+
+    def run_batches(indices, run_batch, finished):
+        return run_sharded_batches(indices, run_batch, state, finished)
+
+    return evaluate_likelihood(
+        pipeline,
+        images,
+        show_progress=show_progress and state.is_main_process,
+        run_batches=run_batches,
+        records={int(index): record for index, record in records["batches"].items()},
+        on_round=on_round,
+        **settings,
+    )

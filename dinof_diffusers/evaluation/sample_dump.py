@@ -78,12 +78,12 @@ def weights_fingerprint(pipeline) -> Dict[str, str]:
     return fingerprint
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """`value` as plain JSON data (tensors, numpy scalars, tuples, paths and unknown objects via `repr`)."""
     if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
+        return {str(key): jsonable(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
+        return [jsonable(item) for item in value]
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     if isinstance(value, np.generic):
@@ -97,9 +97,10 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def _scheduler_config(pipeline) -> Optional[Dict[str, Any]]:
+def scheduler_config(pipeline) -> Optional[Dict[str, Any]]:
+    """The public configuration of `pipeline.scheduler` as JSON data (`None` without one)."""
     config = getattr(getattr(pipeline, "scheduler", None), "config", None)
-    return None if config is None else _jsonable(public_config(config))
+    return None if config is None else jsonable(public_config(config))
 
 
 def _check_finite(images: Any, batch_index: int, seed: int, names: Sequence[str]) -> None:
@@ -218,13 +219,13 @@ def generate_samples(
 
     def prepare() -> Tuple[Dict[str, Any], List[int]]:
         output_dir.mkdir(parents=True, exist_ok=True)
-        identity = _jsonable(
+        identity = jsonable(
             {
                 "num_samples": num_samples,
                 "batch_size": batch_size,
                 "seed": seed,
                 "sampler_kwargs": sampler_kwargs,
-                "scheduler_config": _scheduler_config(pipeline),
+                "scheduler_config": scheduler_config(pipeline),
                 WEIGHTS_KEY: weights_fingerprint(pipeline),
             }
         )
@@ -265,7 +266,7 @@ def generate_samples(
             save_image_atomically(Image.fromarray(image), output_dir / name)
         return {
             "num_images": len(batch_names),
-            "nfe": _jsonable(getattr(output, "nfe", None)),
+            "nfe": jsonable(getattr(output, "nfe", None)),
             "seconds": seconds,
             "process_index": state.process_index,
         }
@@ -326,11 +327,13 @@ def generate_samples(
     }
 
 
-def _differing_keys(identity: Dict[str, Any], recorded: Dict[str, Any]) -> List[str]:
+def differing_keys(identity: Dict[str, Any], recorded: Dict[str, Any]) -> List[str]:
+    """The keys whose values differ between two identities (a run's and a recorded one), sorted."""
     return sorted(key for key in set(identity) | set(recorded) if identity.get(key) != recorded.get(key))
 
 
-def _mismatch_reason(identity: Dict[str, Any], recorded: Dict[str, Any], differing: List[str]) -> str:
+def mismatch_reason(identity: Dict[str, Any], recorded: Dict[str, Any], differing: List[str]) -> str:
+    """Why a recorded identity is not this run's: "other arguments (differing: ...)" and / or "other weights"."""
     arguments = [key for key in differing if key != WEIGHTS_KEY]
     reasons = [f"it was made with other arguments (differing: {', '.join(arguments)})"] if arguments else []
     if WEIGHTS_KEY in differing and WEIGHTS_KEY in recorded:
@@ -359,7 +362,7 @@ def _load_or_reset_manifest(
                     "another output folder or overwrite it (`overwrite=True`, evaluate.py's --overwrite)."
                 ) from None
             manifest, recorded = None, {}
-        differing = _differing_keys(identity, recorded) if manifest is not None else []
+        differing = differing_keys(identity, recorded) if manifest is not None else []
         if differing == [WEIGHTS_KEY] and WEIGHTS_KEY not in recorded:
             # Written before the manifest recorded the weights: the arguments match, the weights cannot be checked.
             logger.warning(
@@ -372,7 +375,7 @@ def _load_or_reset_manifest(
             if not overwrite:
                 raise EvaluationError(
                     f"{output_dir} holds a sample dump that does not belong to this run: "
-                    f"{_mismatch_reason(identity, recorded, differing)}. Use another output folder, the same pipeline "
+                    f"{mismatch_reason(identity, recorded, differing)}. Use another output folder, the same pipeline "
                     "and arguments to resume, or overwrite it (`overwrite=True`, evaluate.py's --overwrite)."
                 )
             manifest = None
