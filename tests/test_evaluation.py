@@ -1,6 +1,7 @@
 """Tests of the evaluation package: the offline digits feature extractor, resumable sample dumps, torch-fidelity metrics
 and the `training_scripts/evaluate.py` command line. Everything runs offline on the CPU; caches live under tmp."""
 
+import dataclasses
 import filecmp
 import importlib.util
 import json
@@ -325,8 +326,24 @@ def test_cli_validates_arguments(tmp_path, capsys):
         (["--batch_size", "-1"], "--batch_size"),
         (["--metrics", "fid,bogus", "--reference", "digits"], "--metrics"),
         (["--metrics", "fid"], "--reference"),
-        (["--sampler", "baseline", "--flow_temperature", "0.7", "--metrics", "isc"], "--flow_temperature"),
+        (["--prior", "sde", "--flow_temperature", "0.7", "--metrics", "isc"], "--flow_temperature"),
         (["--snr", "0", "--reference", "digits"], "--snr"),
+        # the prior and the sampler: flags the choice would ignore are refused
+        (["--metrics", "isc", "--ode_solver", "euler"], "--ode_solver: only with --sampler ode"),
+        (["--metrics", "isc", "--timestep_spacing", "karras"], "--timestep_spacing: only with --sampler ode"),
+        (["--metrics", "isc", "--sampler", "ode", "--ode_solver", "rk45", "--num_inference_steps", "9"], "rk45"),
+        (["--metrics", "isc", "--sampler", "ode", "--rtol", "1e-3"], "--rtol: rk45's tolerances"),
+        (["--metrics", "isc", "--sampler", "ode", "--corrector", "none"], "--corrector: options of the PC sampler"),
+        (["--metrics", "isc", "--sampler", "ode", "--ode_solver", "rk45", "--atol", "0"], "--atol must be"),
+        (["--metrics", "isc", "--sampler", "sde"], "--sampler: must be one of"),
+        (["--metrics", "isc", "--sampler", "baseline", "--prior", "flow"], "contradicts --prior flow"),
+        # the likelihood's flags
+        (["--metrics", "isc", "--num_bits", "5"], "--num_bits: only with --likelihood"),
+        (["--metrics", "isc", "--no_dequantize"], "--no_dequantize: only with --likelihood"),
+        (["--metrics", "none", "--likelihood", "--likelihood_batch_size", "0"], "--likelihood_batch_size"),
+        (["--metrics", "none", "--likelihood", "--trace_estimator", "exact"], "--trace_estimator"),
+        (["--reference", "cifar10-train", "--likelihood"], "--likelihood needs --likelihood_data"),
+        (["--metrics", "none", "--likelihood", "--likelihood_data", "./no/such/folder"], "--likelihood_data"),
         (["--reference", "./does/not/exist"], "--reference"),
         (["--metrics", "isc", "--feature_extractor", "bogus"], "--feature_extractor"),
         (["--metrics", "isc", "--feature_extractor_weights_path", "./no/such/file"], "--feature_extractor_weights_path"),
@@ -352,6 +369,25 @@ def test_cli_validates_arguments(tmp_path, capsys):
         "dinov2-hf-vit-l-14": "facebook/dinov2-small",
         "dinof-digits": str(tmp_path / "classifier.pt"),
     }
+    # The sampler's defaults; the deprecated names still work and say what they mean.
+    args = evaluate.parse_args(base + ["--metrics", "none", "--sampler", "ode"])
+    assert (args.prior, args.ode_solver, args.timestep_spacing, args.rtol, args.atol) == (
+        None,
+        "heun",
+        "uniform",
+        1e-5,
+        1e-5,
+    )
+    for old, prior in (("dinof", "flow"), ("baseline", "sde")):
+        with pytest.warns(
+            FutureWarning, match=f"--sampler {old} is deprecated: it means --prior {prior} --sampler pc"
+        ):
+            args = evaluate.parse_args(base + ["--metrics", "none", "--sampler", old])
+        assert (args.prior, args.sampler) == (prior, "pc")
+    args = evaluate.parse_args(base + ["--metrics", "none", "--likelihood"])
+    assert (args.likelihood_data, args.likelihood_batch_size, args.trace_estimator, args.num_bits) == (
+        "digits:test", 64, "rademacher", 8,
+    )  # fmt: skip
     # The device: --device in a plain run, accelerate's under a multi-process launch (--device is then an error).
     launched = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
     assert evaluate.resolve_device(args, launched) == torch.device("cpu")
@@ -397,7 +433,8 @@ def test_cli_end_to_end_and_resume(tmp_path, trained_tiny_pipeline_dir, tiny_din
     assert report["num_processes"] == 1 and throughput["num_images"] == 12
     assert throughput["nfe_per_second"] == pytest.approx(6 * throughput["images_per_second"])
     assert report["sampler"] == {
-        "name": "dinof",
+        "prior": "flow",
+        "sampler": "pc",
         "use_flow_prior": True,
         "num_inference_steps": 3,
         "flow_temperature": 1.0,
@@ -420,14 +457,118 @@ def test_cli_end_to_end_and_resume(tmp_path, trained_tiny_pipeline_dir, tiny_din
     assert resumed["metrics"] == {DIGITS_FEATURE_EXTRACTOR_NAME: digits}
     assert resumed["throughput"]["num_images"] == 8
 
-    # The baseline sampler: the full PC sampler from the SDE prior, no flow.
-    baseline = evaluate.main(
-        ["--pipeline", str(trained_tiny_pipeline_dir), "--output_dir", str(tmp_path / "baseline"), "--num_samples", "4",
-         "--batch_size", "4", "--sampler", "baseline", "--num_inference_steps", "2", "--corrector", "none",
-         "--metrics", "isc", "--feature_extractor", "dinof-digits", "--device", "cpu", "--no_progress"]
-    )  # fmt: skip
+    # The baseline sampler: the full PC sampler from the SDE prior, no flow (in the deprecated spelling, whose dump
+    # is the one --prior sde makes: same manifest).
+    baseline_args = [
+        "--pipeline", str(trained_tiny_pipeline_dir), "--output_dir", str(tmp_path / "baseline"), "--num_samples", "4",
+        "--batch_size", "4", "--num_inference_steps", "2", "--corrector", "none", "--metrics", "isc",
+        "--feature_extractor", "dinof-digits", "--device", "cpu", "--no_progress",
+    ]  # fmt: skip
+    with pytest.warns(FutureWarning, match="--prior sde --sampler pc"):
+        baseline = evaluate.main(baseline_args + ["--sampler", "baseline"])
     assert baseline["nfe"] == 2 and baseline["sampler"]["use_flow_prior"] is False
+    assert baseline["sampler"]["prior"] == "sde" and baseline["sampler"]["sampler"] == "pc"
+    manifest = json.loads((tmp_path / "baseline" / "samples" / "generation.json").read_text())
+    assert manifest["identity"]["sampler_kwargs"] == {"use_flow_prior": False, "num_inference_steps": 2}  # as before
     assert math.isfinite(baseline["metrics"][DIGITS_FEATURE_EXTRACTOR_NAME]["classifier_confidence_score_mean"])
+    again = evaluate.main(baseline_args + ["--prior", "sde"])
+    assert again["throughput"] is None and again["metrics"] == baseline["metrics"]  # nothing generated again
+
+    # The probability-flow ODE (heun, 3 steps: NFE 5) into the same folder: a PC dump is not an ODE dump.
+    ode_args = [
+        "--pipeline", str(trained_tiny_pipeline_dir), "--output_dir", str(tmp_path / "baseline"), "--num_samples", "4",
+        "--batch_size", "4", "--metrics", "none", "--device", "cpu", "--no_progress", "--sampler", "ode",
+        "--ode_solver", "heun", "--num_inference_steps", "3", "--timestep_spacing", "karras",
+    ]  # fmt: skip
+    with pytest.raises(EvaluationError, match="other arguments .differing: sampler_kwargs"):
+        evaluate.main(ode_args)
+    ode = evaluate.main(ode_args + ["--output_dir", str(tmp_path / "ode")])
+    assert ode["nfe"] == 5 and ode["sampler"] == {
+        "prior": "flow", "sampler": "ode", "use_flow_prior": True, "num_inference_steps": 3, "flow_temperature": 1.0,
+        "ode_solver": "heun", "timestep_spacing": "karras",
+    }  # fmt: skip
+    identity = json.loads((tmp_path / "ode" / "samples" / "generation.json").read_text())["identity"]
+    assert identity["sampler_kwargs"] == {key: value for key, value in ode["sampler"].items() if key != "prior"}
+
+
+def test_cli_refuses_a_prior_or_sampler_the_pipeline_cannot_run_before_any_work(tmp_path, capsys):
+    from test_pipeline import tiny_pipeline
+
+    evaluate = _load_evaluate_script()
+    flowless, discrete = tiny_pipeline(flow=False), tiny_pipeline(continuous=False)
+    cases = [
+        (flowless, ["--prior", "flow"], "--prior flow needs a pipeline with a flow prior"),
+        (flowless, ["--flow_temperature", "0.5"], "--flow_temperature has no effect: this pipeline has no flow prior"),
+        (discrete, ["--sampler", "ode"], "--sampler ode: .*continuous-time model"),
+        (discrete, ["--likelihood"], "--likelihood needs a continuous-time model"),
+    ]
+    base = ["--pipeline", str(tmp_path), "--output_dir", str(tmp_path / "eval"), "--metrics", "none", "--no_progress"]
+    for pipeline, flags, message in cases:
+        with pytest.raises(EvaluationError, match=message):
+            evaluate.evaluate(evaluate.parse_args(base + flags), pipeline)
+    assert not (tmp_path / "eval").exists()
+    # from the command line: a usage error (exit status 2), as for the flags argparse checks itself
+    flowless.save_pretrained(tmp_path / "flowless")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(base[2:] + ["--pipeline", str(tmp_path / "flowless"), "--prior", "flow"])
+    assert exit_info.value.code == 2 and "error: --prior flow needs" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_cli_likelihood_is_evaluate_likelihood_resumable_and_refuses_other_records(
+    tmp_path, trained_tiny_pipeline_dir, monkeypatch
+):
+    from trained_pipeline import digits_tensor
+
+    from dinof_diffusers import DiNofPipeline
+    from dinof_diffusers.evaluation import batch_seed, evaluate_likelihood
+
+    evaluate = _load_evaluate_script()
+    argv = [
+        "--pipeline", str(trained_tiny_pipeline_dir), "--output_dir", str(tmp_path), "--metrics", "none",
+        "--likelihood", "--likelihood_max_samples", "5", "--likelihood_batch_size", "2", "--seed", "3",
+        "--rtol", "1e-3", "--atol", "1e-3", "--device", "cpu", "--no_progress",
+    ]  # fmt: skip
+    report = evaluate.main(argv)
+    assert not (tmp_path / "samples").exists()  # --metrics none --likelihood: the likelihood alone
+    likelihood = json.loads((tmp_path / "metrics.json").read_text())["likelihood"]
+    assert likelihood == json.loads(json.dumps(report["likelihood"]))
+    assert likelihood["data"] == "digits:test" and likelihood["num_images"] == 5 and likelihood["batch_size"] == 2
+
+    # the first 5 of the 297 held-out digits through evaluate_likelihood directly, same seed and batches
+    pipeline = DiNofPipeline.from_pretrained(trained_tiny_pipeline_dir)
+    direct = evaluate_likelihood(
+        pipeline, digits_tensor(split="test")[:5], batch_size=2, seed=3, rtol=1e-3, atol=1e-3, show_progress=False
+    )
+    for prior in ("flow", "sde"):
+        assert likelihood["priors"][prior] == dataclasses.asdict(direct.priors[prior])
+        assert math.isfinite(likelihood["priors"][prior]["bits_per_dim"]) and likelihood["nfe"][prior] > 0
+    assert likelihood["difference"] == dataclasses.asdict(direct.difference)
+    assert likelihood["settings"] == {
+        "num_bits": 8, "dequantize": True, "trace_estimator": "rademacher", "rtol": 1e-3, "atol": 1e-3,
+    }  # fmt: skip
+
+    # Interrupted after its first round: only the other batches are computed again, with the same result.
+    records_path = tmp_path / "likelihood.json"
+    records = json.loads(records_path.read_text())
+    assert sorted(records["batches"]) == ["0", "1", "2"]
+    records["batches"] = {"1": records["batches"]["1"]}
+    records_path.write_text(json.dumps(records))
+    computed, log_likelihood = [], DiNofPipeline.log_likelihood
+
+    def counted(self, images, **kwargs):
+        computed.append(kwargs["generator"].initial_seed())
+        return log_likelihood(self, images, **kwargs)
+
+    monkeypatch.setattr(DiNofPipeline, "log_likelihood", counted)
+    resumed = evaluate.main(argv)
+    assert computed == [batch_seed(3, index) for index in (0, 0, 2, 2)]  # batches 0 and 2, both priors
+    resumed["likelihood"].pop("seconds_per_image"), report["likelihood"].pop("seconds_per_image")
+    assert resumed["likelihood"] == report["likelihood"]
+    assert sorted(json.loads(records_path.read_text())["batches"]) == ["0", "1", "2"]
+    # records of other settings are refused, not mixed
+    with pytest.raises(EvaluationError, match="likelihood records .*other arguments .differing: batch_size"):
+        evaluate.main(argv + ["--likelihood_batch_size", "3"])
 
 
 class RefusingPipeline:
@@ -489,7 +630,7 @@ def log(**event):
     with open(log_path, "a") as file:
         file.write(json.dumps(event) + "\\n")
 
-sample, score = DiNofPipeline.__call__, evaluate.compute_metrics
+sample, score, likelihood = DiNofPipeline.__call__, evaluate.compute_metrics, DiNofPipeline.log_likelihood
 
 def logged_sample(self, *args, **kwargs):
     log(event="batch", seed=kwargs["generator"].initial_seed(), size=kwargs["batch_size"])
@@ -499,7 +640,12 @@ def logged_score(*args, **kwargs):
     log(event="score")
     return score(*args, **kwargs)
 
+def logged_likelihood(self, images, **kwargs):
+    log(event="likelihood", seed=kwargs["generator"].initial_seed(), flow=kwargs["use_flow_prior"])
+    return likelihood(self, images, **kwargs)
+
 DiNofPipeline.__call__, evaluate.compute_metrics = logged_sample, logged_score
+DiNofPipeline.log_likelihood = logged_likelihood
 evaluate.main(sys.argv[3:])
 """
 
@@ -510,7 +656,36 @@ def _free_port():
         return probe.getsockname()[1]
 
 
-def test_two_processes_finish_a_killed_dump_identically_each_doing_its_share_and_score_once(
+def _launch_two_processes(tmp_path, argv):
+    """evaluate.py under `accelerate launch` with two gloo CPU processes (one thread each) through the logging
+    launcher; returns the finished process and each rank's logged events."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "launcher.py").write_text(LOGGING_LAUNCHER)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(_free_port()), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(tmp_path / "launcher.py"), str(REPO_ROOT / "training_scripts" / "evaluate.py"),
+        str(tmp_path / "logs"), *argv,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_MININTERVAL": "1000",  # the bar is drawn when it opens and when it closes
+    }
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    logs = [
+        [json.loads(line) for line in (tmp_path / "logs" / f"rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    ]
+    return result, logs
+
+
+def test_two_processes_finish_a_killed_dump_identically_each_doing_its_share_score_once_and_share_the_likelihood(
     tmp_path, trained_tiny_pipeline_dir, monkeypatch
 ):
     from dinof_diffusers import DiNofPipeline
@@ -520,6 +695,8 @@ def test_two_processes_finish_a_killed_dump_identically_each_doing_its_share_and
     common = [
         "--pipeline", str(trained_tiny_pipeline_dir), "--num_samples", "14", "--batch_size", "2", "--seed", "4",
         "--num_inference_steps", "2", "--metrics", "isc", "--feature_extractor", DIGITS_FEATURE_EXTRACTOR_NAME,
+        "--likelihood", "--likelihood_max_samples", "6", "--likelihood_batch_size", "2", "--rtol", "1e-3",
+        "--atol", "1e-3",
     ]  # fmt: skip
     one = evaluate.main(common + ["--output_dir", str(tmp_path / "one"), "--device", "cpu", "--no_progress"])
 
@@ -543,25 +720,7 @@ def test_two_processes_finish_a_killed_dump_identically_each_doing_its_share_and
     Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(samples / "stray.png")
 
     # ... finished by two processes.
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "launcher.py").write_text(LOGGING_LAUNCHER)
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(_free_port()), "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", str(tmp_path / "launcher.py"), str(REPO_ROOT / "training_scripts" / "evaluate.py"),
-        str(tmp_path / "logs"), *common, "--output_dir", str(tmp_path / "two"),
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
-        "ACCELERATE_USE_CPU": "1",
-        "OMP_NUM_THREADS": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_HUB_OFFLINE": "1",
-        "TQDM_MININTERVAL": "1000",  # the bar is drawn when it opens and when it closes
-    }
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    result, logs = _launch_two_processes(tmp_path, [*common, "--output_dir", str(tmp_path / "two")])
 
     # The dump is the one-process dump, byte for byte; the stray image is neither removed nor scored.
     names = sorted(path.name for path in (tmp_path / "one" / "samples").glob("*.png"))
@@ -573,10 +732,6 @@ def test_two_processes_finish_a_killed_dump_identically_each_doing_its_share_and
     assert two["metrics"] == one["metrics"]
 
     # Batch 1 (truncated PNG) and batches 3 to 6 remained, dealt out round-robin: [1, 3], [4, 5], [6].
-    logs = [
-        [json.loads(line) for line in (tmp_path / "logs" / f"rank{rank}.jsonl").read_text().splitlines()]
-        for rank in (0, 1)
-    ]
     seeds = [[event["seed"] for event in log if event["event"] == "batch"] for log in logs]
     assert seeds == [[batch_seed(4, index) for index in (1, 4, 6)], [batch_seed(4, index) for index in (3, 5)]]
     batches = json.loads((samples / "generation.json").read_text())["batches"]
@@ -587,3 +742,16 @@ def test_two_processes_finish_a_killed_dump_identically_each_doing_its_share_and
     assert result.stderr.count("Generating:") == 2 and result.stderr.count("14/14") == 1
     assert two["num_processes"] == 2 and two["throughput"]["num_images"] == 10
     assert two["throughput"]["nfe_per_second"] == pytest.approx(two["nfe"] * two["throughput"]["images_per_second"])
+
+    # The likelihood (6 test digits, 3 batches): [0, 1], [2] dealt out round-robin, each batch under both priors with
+    # its own seed; the 1-process value; the records written by the main process; one bar.
+    seeds = [[event["seed"] for event in log if event["event"] == "likelihood"] for log in logs]
+    assert seeds == [[batch_seed(4, 0)] * 2 + [batch_seed(4, 2)] * 2, [batch_seed(4, 1)] * 2]
+    estimates = {**one["likelihood"]["priors"], "difference": one["likelihood"]["difference"]}
+    shared = {**two["likelihood"]["priors"], "difference": two["likelihood"]["difference"]}
+    for name, estimate in estimates.items():
+        for field in ("bits_per_dim", "bits_per_dim_se", "nats", "nats_se"):
+            assert shared[name][field] == pytest.approx(estimate[field], rel=1e-6), (name, field)
+    assert two["likelihood"]["num_images"] == 6 and two["likelihood"]["nfe"] == one["likelihood"]["nfe"]
+    assert sorted(json.loads((tmp_path / "two" / "likelihood.json").read_text())["batches"]) == ["0", "1", "2"]
+    assert result.stderr.count("bits/dim:   0%") == 1

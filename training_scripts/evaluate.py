@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True, help="Where `samples/` and `metrics.json` are written.")
     parser.add_argument("--num_samples", type=int, default=1000, help="Number of generated images.")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per pipeline call (on every process).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the sample dump (batch b uses (seed, b)).")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the samples and of the likelihood (batch b: (seed, b))."
+    )
     parser.add_argument(
         "--reference",
         default=None,
@@ -406,21 +408,12 @@ def evaluate(args: argparse.Namespace, pipeline, state=None) -> Optional[Dict[st
         )
     likelihood = None
     if images is not None:
+        settings = {"batch_size": args.likelihood_batch_size, "seed": args.seed, "num_bits": args.num_bits}
+        settings.update(rtol=args.rtol, atol=args.atol, dequantize=not args.no_dequantize)
+        settings["trace_estimator"] = args.trace_estimator
+        records = os.path.join(args.output_dir, LIKELIHOOD_RECORDS_NAME)
         likelihood = resumable_likelihood(
-            pipeline,
-            images,
-            os.path.join(args.output_dir, LIKELIHOOD_RECORDS_NAME),
-            batch_size=args.likelihood_batch_size,
-            seed=args.seed,
-            num_bits=args.num_bits,
-            dequantize=not args.no_dequantize,
-            trace_estimator=args.trace_estimator,
-            rtol=args.rtol,
-            atol=args.atol,
-            data=args.likelihood_data,
-            overwrite=args.overwrite,
-            show_progress=not args.no_progress,
-            state=state,
+            pipeline, images, records, args.likelihood_data, args.overwrite, not args.no_progress, state, **settings
         )
     state.wait_for_everyone()
     if not state.is_main_process:

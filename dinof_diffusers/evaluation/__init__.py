@@ -32,7 +32,13 @@ from .flow_gain import (
     mixture_log_prob,
     prior_log_prob,
 )
-from .likelihood import LIKELIHOOD_PRIORS, LikelihoodResult, evaluate_likelihood
+from .likelihood import (
+    LIKELIHOOD_PRIORS,
+    LikelihoodResult,
+    evaluate_likelihood,
+    likelihood_images,
+    resumable_likelihood,
+)
 from .metrics import (
     SUPPORTED_METRICS,
     compute_metrics,
@@ -83,6 +89,7 @@ __all__ = [
     "generate_samples",
     "images_to_tensor",
     "is_digits_reference",
+    "likelihood_images",
     "load_digits_classifier",
     "load_dinov2_model",
     "mean_estimate",
@@ -94,6 +101,7 @@ __all__ = [
     "register_dinov2_feature_extractors",
     "registered_feature_extractors",
     "resolve_reference",
+    "resumable_likelihood",
     "run_on_main_process",
     "run_sharded_batches",
     "train_digits_classifier",

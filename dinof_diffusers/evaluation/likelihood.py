@@ -14,7 +14,7 @@ is refused). `likelihood_images` reads a data set's held-out images at a pipelin
 """
 
 import hashlib
-import json
+import inspect
 import math
 import os
 import time
@@ -30,16 +30,14 @@ from tqdm.auto import tqdm
 from ..file_utils import write_json_atomically
 from ..validation import check_choice, check_positive_int
 from .distributed import process_state, run_on_main_process, run_sharded_batches
-from .errors import EvaluationError
 from .flow_gain import Estimate, mean_estimate
 from .metrics import is_digits_reference, resolve_reference
 from .sample_dump import (
     WEIGHTS_KEY,
     batch_seed,
-    differing_keys,
     jsonable,
     list_images,
-    mismatch_reason,
+    load_run_records,
     scheduler_config,
     weights_fingerprint,
 )
@@ -242,6 +240,8 @@ def evaluate_likelihood(
 
 LIKELIHOOD_RECORDS_NAME = "likelihood.json"
 DEFAULT_LIKELIHOOD_SPLIT = "test"
+# The arguments of `evaluate_likelihood` that a value depends on: the identity of a likelihood's records.
+_SETTINGS = ("batch_size", "seed", "priors", "num_bits", "dequantize", "trace_estimator", "rtol", "atol")
 
 
 def likelihood_images(
@@ -315,51 +315,15 @@ def _images_fingerprint(images: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_records(path: Path, identity: Dict[str, Any], overwrite: bool) -> Dict[str, Any]:
-    """The records file at `path` if it belongs to `identity`, a fresh one otherwise (or an `EvaluationError`)."""
-    if path.is_file():
-        try:
-            records = json.loads(path.read_text())
-            recorded = dict(records["identity"])
-            dict(records["batches"])
-        except (ValueError, KeyError, TypeError) as error:
-            if not overwrite:
-                raise EvaluationError(
-                    f"The likelihood records {path} cannot be read ({error}), so they cannot be resumed. Use another "
-                    "output folder or overwrite them (evaluate.py's --overwrite)."
-                ) from None
-            records, recorded = None, identity
-        differing = differing_keys(identity, recorded)
-        if differing and not overwrite:
-            raise EvaluationError(
-                f"{path} holds likelihood records that do not belong to this run: "
-                f"{mismatch_reason(identity, recorded, differing)}. Use another output folder, the same pipeline and "
-                "arguments to resume, or overwrite them (evaluate.py's --overwrite)."
-            )
-        if records is not None and not differing:
-            return records
-    records = {"identity": identity, "batches": {}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(records, path)
-    return records
-
-
 def resumable_likelihood(
     pipeline,
     images: torch.Tensor,
     records_path: Union[str, os.PathLike],
-    batch_size: int = 64,
-    seed: int = 0,
-    priors: Optional[Sequence[str]] = None,
-    num_bits: Optional[int] = 8,
-    dequantize: bool = True,
-    trace_estimator: str = "rademacher",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
     data: Optional[str] = None,
     overwrite: bool = False,
     show_progress: bool = True,
     state=None,
+    **likelihood_kwargs,
 ) -> LikelihoodResult:
     """`evaluate_likelihood` with its batches shared out across processes and its finished batches written down.
 
@@ -374,12 +338,13 @@ def resumable_likelihood(
         pipeline (`DiNofPipeline`): a continuous-time pipeline, on this process's device.
         images (`torch.Tensor` of shape `(N, C, H, W)`): values in [0, 1].
         records_path: the records file (evaluate.py: `<output_dir>/likelihood.json`).
-        batch_size, seed, priors, num_bits, dequantize, trace_estimator, rtol, atol: as for `evaluate_likelihood`.
         data (`str`, *optional*): the name of the images, recorded in the identity.
         overwrite (`bool`, defaults to `False`): start afresh over records of another identity.
         show_progress (`bool`, defaults to `True`): one progress bar, on the main process, counting every process's
             images.
         state: an accelerate `PartialState`; default the current one (one process when not launched).
+        **likelihood_kwargs: `batch_size`, `seed`, `priors`, `num_bits`, `dequantize`, `trace_estimator`, `rtol`,
+            `atol` of `evaluate_likelihood` (its defaults otherwise).
 
     Returns:
         [`LikelihoodResult`], the same on every process.
@@ -389,17 +354,10 @@ def resumable_likelihood(
     """
     state = process_state(state)
     path = Path(records_path)
-    priors = default_priors(pipeline) if priors is None else list(priors)
-    settings = {
-        "batch_size": batch_size,
-        "seed": seed,
-        "priors": priors,
-        "num_bits": num_bits,
-        "dequantize": dequantize,
-        "trace_estimator": trace_estimator,
-        "rtol": rtol,
-        "atol": atol,
-    }
+    arguments = inspect.signature(evaluate_likelihood).bind(pipeline, images, **likelihood_kwargs)
+    arguments.apply_defaults()  # the identity holds every setting, defaults included
+    settings = {key: arguments.arguments[key] for key in _SETTINGS}
+    settings["priors"] = default_priors(pipeline) if settings["priors"] is None else list(settings["priors"])
     identity = jsonable(
         {
             "data": data,
@@ -410,7 +368,18 @@ def resumable_likelihood(
             WEIGHTS_KEY: weights_fingerprint(pipeline),
         }
     )
-    records = run_on_main_process(lambda: _load_records(path, identity, overwrite), state)
+
+    def load() -> Dict[str, Any]:
+        records = (
+            load_run_records(path, identity, overwrite, f"the likelihood records {path}") if path.is_file() else None
+        )
+        if records is None:
+            records = {"identity": identity, "batches": {}}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(records, path)
+        return records
+
+    records = run_on_main_process(load, state)
 
     def on_round(round_records: Dict[int, Dict[str, Any]]) -> None:
         records["batches"].update({str(index): record for index, record in round_records.items()})

@@ -339,8 +339,54 @@ def mismatch_reason(identity: Dict[str, Any], recorded: Dict[str, Any], differin
     if WEIGHTS_KEY in differing and WEIGHTS_KEY in recorded:
         ours, theirs = identity[WEIGHTS_KEY], recorded[WEIGHTS_KEY] or {}
         components = sorted(name for name in set(ours) | set(theirs) if ours.get(name) != theirs.get(name))
-        reasons.append(f"its images were made by other weights (differing: {', '.join(components)})")
+        reasons.append(f"it was made by other weights (differing: {', '.join(components)})")
     return " and ".join(reasons)
+
+
+def load_run_records(path: Path, identity: Dict[str, Any], overwrite: bool, what: str) -> Optional[Dict[str, Any]]:
+    """The records file of a resumable run at `path` (`{"identity": ..., "batches": {...}}`: a sample dump's manifest,
+    a likelihood's records) if it belongs to `identity`.
+
+    A file written before identities recorded the weights, with the same arguments, is adopted with a warning (its
+    identity gets the fingerprint).
+
+    Args:
+        path: the file (it must exist).
+        identity: this run's identity.
+        overwrite: return `None` instead of raising for a file that cannot be read or belongs to another run.
+        what: the run's name in messages ("the sample dump in <folder>").
+
+    Raises:
+        EvaluationError: the file cannot be read or belongs to another run (other arguments or weights), without
+            `overwrite`.
+    """
+    advice = "Use another output folder or overwrite it (`overwrite=True`, evaluate.py's --overwrite)."
+    try:
+        with open(path) as file:
+            records = json.load(file)
+        recorded = dict(records["identity"])
+        dict(records["batches"])
+    except (ValueError, KeyError, TypeError) as error:
+        if overwrite:
+            return None
+        raise EvaluationError(f"{path} cannot be read ({error}), so {what} cannot be resumed. {advice}") from None
+    differing = differing_keys(identity, recorded)
+    if differing == [WEIGHTS_KEY] and WEIGHTS_KEY not in recorded:
+        # Written before the identity recorded the weights: the arguments match, the weights cannot be checked.
+        logger.warning(
+            f"{what[0].upper()}{what[1:]} was made by an older version that did not record the weights, so it cannot "
+            "be checked that it comes from this pipeline's weights. It is resumed as this pipeline's; if it is not, run "
+            "again with --overwrite. Recording the fingerprint now."
+        )
+        records["identity"] = identity
+    elif differing:
+        if overwrite:
+            return None
+        raise EvaluationError(
+            f"{what[0].upper()}{what[1:]} does not belong to this run: {mismatch_reason(identity, recorded, differing)}. "
+            f"To resume it use the same pipeline and arguments. {advice}"
+        )
+    return records
 
 
 def _load_or_reset_manifest(
@@ -351,34 +397,7 @@ def _load_or_reset_manifest(
     existing_samples = [path for path in output_dir.iterdir() if _SAMPLE_NAME.match(path.name)]
     manifest = None
     if manifest_path.exists():
-        try:
-            with open(manifest_path) as file:
-                manifest = json.load(file)
-            recorded = dict(manifest["identity"])
-        except (ValueError, KeyError, TypeError) as error:
-            if not overwrite:
-                raise EvaluationError(
-                    f"The manifest {manifest_path} cannot be read ({error}), so the dump cannot be resumed. Use "
-                    "another output folder or overwrite it (`overwrite=True`, evaluate.py's --overwrite)."
-                ) from None
-            manifest, recorded = None, {}
-        differing = differing_keys(identity, recorded) if manifest is not None else []
-        if differing == [WEIGHTS_KEY] and WEIGHTS_KEY not in recorded:
-            # Written before the manifest recorded the weights: the arguments match, the weights cannot be checked.
-            logger.warning(
-                f"The sample dump in {output_dir} was made by an older version that did not record the weights, so "
-                "it cannot be checked that its images come from this pipeline's weights. It is resumed and scored "
-                "as this pipeline's; if it is not, run again with --overwrite. Recording the fingerprint now."
-            )
-            manifest["identity"] = identity
-        elif differing:
-            if not overwrite:
-                raise EvaluationError(
-                    f"{output_dir} holds a sample dump that does not belong to this run: "
-                    f"{mismatch_reason(identity, recorded, differing)}. Use another output folder, the same pipeline "
-                    "and arguments to resume, or overwrite it (`overwrite=True`, evaluate.py's --overwrite)."
-                )
-            manifest = None
+        manifest = load_run_records(manifest_path, identity, overwrite, f"the sample dump in {output_dir}")
     elif existing_samples and not overwrite:
         raise EvaluationError(
             f"{output_dir} holds {len(existing_samples)} PNG samples but no {MANIFEST_NAME}, so they cannot be resumed. "
