@@ -174,6 +174,34 @@ def test_digits_references_of_the_fixed_split(cache_dir):
         resolve_reference("digits:validation", resolution=16)
 
 
+def test_likelihood_images_are_read_as_references_are_found(tmp_path, cache_dir):
+    from datasets import Dataset, DatasetDict
+    from trained_pipeline import digits_tensor
+
+    from dinof_diffusers.evaluation import likelihood_images
+
+    # digits:test is the held-out split at the pipeline's size, values k / 255
+    assert torch.equal(likelihood_images("digits:test", 8, 1, max_samples=7), digits_tensor(split="test")[:7])
+    # a folder of RGB images of another size, for a greyscale pipeline: converted and fitted
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    for index in range(3):
+        Image.fromarray(rng.randint(0, 256, (12, 10, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    images = likelihood_images(str(folder), 8, 1)
+    assert images.shape == (3, 1, 8, 8) and images.dtype == torch.float32 and 0 <= images.min() <= images.max() <= 1
+    # a datasets folder with splits: the test split by default (held-out images)
+    splits = {name: [Image.fromarray(np.full((8, 8), value, dtype=np.uint8)) for value in values]
+              for name, values in (("train", (10, 20)), ("test", (200,)))}  # fmt: skip
+    DatasetDict({name: Dataset.from_dict({"image": images}) for name, images in splits.items()}).save_to_disk(
+        tmp_path / "dataset"
+    )
+    images = likelihood_images(str(tmp_path / "dataset"), 8, 3)
+    assert images.shape == (1, 3, 8, 8) and torch.allclose(images, torch.full_like(images, 200 / 255))
+    with pytest.raises(ValueError, match="torch-fidelity input"):
+        likelihood_images("cifar10-train", 32, 3)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Resumable sample dumps
 # ------------------------------------------------------------------------------------------------------------------
