@@ -22,7 +22,7 @@ test: $(VENV)/.installed
 # The main job on the embedded digits: train a tiny DiNof model on the CPU (~10 min on 2 cores), then sample it with
 # DiNof and with the full PC sampler, same seed. Pictures and timings land in outputs/demo/.
 # --digits_split train: the 1,500 training digits of the fixed split; the 297 test digits stay held out for
-# evaluation (evaluate.py --digits_split test).
+# evaluation (evaluate.py --reference digits:test, evaluate.py --likelihood).
 # --score_time_range full: the score network also learns t > t*, so that the baseline sampler (which starts at T) is
 # a fair comparison on the same weights; DiNof itself only needs t <= t*.
 # One intra-op thread: the tiny model runs as fast on one core as on two, and it does not collapse when something
