@@ -555,7 +555,7 @@ def test_cli_likelihood_is_evaluate_likelihood_resumable_and_refuses_other_recor
     argv = [
         "--pipeline", str(trained_tiny_pipeline_dir), "--output_dir", str(tmp_path), "--metrics", "none",
         "--likelihood", "--likelihood_max_samples", "5", "--likelihood_batch_size", "2", "--seed", "3",
-        "--rtol", "1e-3", "--atol", "1e-3", "--device", "cpu", "--no_progress",
+        "--rtol", "1e-2", "--atol", "1e-2", "--device", "cpu", "--no_progress",
     ]  # fmt: skip
     report = evaluate.main(argv)
     assert not (tmp_path / "samples").exists()  # --metrics none --likelihood: the likelihood alone
@@ -566,14 +566,14 @@ def test_cli_likelihood_is_evaluate_likelihood_resumable_and_refuses_other_recor
     # the first 5 of the 297 held-out digits through evaluate_likelihood directly, same seed and batches
     pipeline = DiNofPipeline.from_pretrained(trained_tiny_pipeline_dir)
     direct = evaluate_likelihood(
-        pipeline, digits_tensor(split="test")[:5], batch_size=2, seed=3, rtol=1e-3, atol=1e-3, show_progress=False
+        pipeline, digits_tensor(split="test")[:5], batch_size=2, seed=3, rtol=1e-2, atol=1e-2, show_progress=False
     )
     for prior in ("flow", "sde"):
         assert likelihood["priors"][prior] == dataclasses.asdict(direct.priors[prior])
         assert math.isfinite(likelihood["priors"][prior]["bits_per_dim"]) and likelihood["nfe"][prior] > 0
     assert likelihood["difference"] == dataclasses.asdict(direct.difference)
     assert likelihood["settings"] == {
-        "num_bits": 8, "dequantize": True, "trace_estimator": "rademacher", "rtol": 1e-3, "atol": 1e-3,
+        "num_bits": 8, "dequantize": True, "trace_estimator": "rademacher", "rtol": 1e-2, "atol": 1e-2,
     }  # fmt: skip
 
     # Interrupted after its first round: only the other batches are computed again, with the same result.

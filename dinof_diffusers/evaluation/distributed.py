@@ -3,8 +3,8 @@
 The work of an evaluation is a list of independent batches, each with its own seed (`batch_seed`), so that a batch's
 result does not depend on which process computes it, nor on how many there are. `run_sharded_batches` deals the
 batches out round-robin and, after every round, gathers the round's per-batch records on every process: the main
-process writes them down (a manifest, a progress bar counting every process's work), and a statistic summed over
-batches (a likelihood's per-image bits/dim) is gathered exactly the same way. `run_on_main_process` runs a step
+process writes them down (a manifest, a progress bar counting every process's work); per-batch results
+(a likelihood's per-image bits/dim) are gathered exactly the same way. `run_on_main_process` runs a step
 that must happen once (preparing a folder, fetching a reference) on the main process and hands its result, or its
 error, to every process.
 

@@ -158,7 +158,7 @@ def check_pipeline_sampler(args: argparse.Namespace, pipeline) -> None:
 
     Raises:
         EvaluationError: `--prior flow` without a flow prior, `--flow_temperature` without one, or the pipeline's own
-            error for `--sampler ode` on a discrete-time model.
+            error (`DiNofPipeline.check_inputs`), e.g. for `--sampler ode` on a discrete-time model.
     """
     has_flow = getattr(pipeline, "flow_prior", None) is not None
     if args.prior is None:
@@ -173,22 +173,19 @@ def check_pipeline_sampler(args: argparse.Namespace, pipeline) -> None:
             "--prior flow needs a pipeline with a flow prior (its `flow_prior` component); this one has none: use "
             "--prior sde (the SDE prior at T)."
         )
-    if args.sampler == "ode" and hasattr(pipeline, "check_inputs"):
-        try:  # the pipeline's own checks of the ODE settings (a discrete-time model has no probability-flow ODE)
+    if hasattr(pipeline, "check_inputs"):
+        try:  # the pipeline's own checks (a discrete-time model has no probability-flow ODE, a prior must fit, ...)
             keywords = sampler_keywords(args)
-            ode = {
-                key: keywords[key]
-                for key in ("sampler", "ode_solver", "timestep_spacing", "rtol", "atol")
-                if key in keywords
-            }
-            steps, use_flow_prior = keywords.get("num_inference_steps"), keywords["use_flow_prior"]
-            pipeline.check_inputs(1, steps, None, None, None, 1.0, use_flow_prior, "pt", None, [], **ode)
+            steps, temperature = keywords.pop("num_inference_steps", None), keywords.pop("flow_temperature", 1.0)
+            pipeline.check_inputs(
+                1, steps, None, None, None, temperature, keywords.pop("use_flow_prior"), "pt", None, [], **keywords
+            )
         except ValueError as error:
-            raise EvaluationError(f"--sampler ode: {error}") from None
+            raise EvaluationError(f"--prior {args.prior} --sampler {args.sampler}: {error}") from None
 
 
 def sampler_keywords(
-    args: argparse.Namespace, prior: Optional[str] = None, num_inference_steps: Any = "args"
+    args: argparse.Namespace, prior: Optional[str] = None, num_inference_steps: Optional[int] = None
 ) -> Dict[str, Any]:
     """The `DiNofPipeline.__call__` keywords of the flags: `use_flow_prior`, `num_inference_steps` when set,
     `flow_temperature` with the flow prior, and `sampler` with its solver settings for the ODE.
@@ -199,10 +196,10 @@ def sampler_keywords(
     Args:
         args: the checked flags (`check_sampler_arguments`, and `args.prior` set).
         prior: "flow" or "sde" instead of `args.prior` (sample.py's `--compare_baseline`).
-        num_inference_steps: instead of `args.num_inference_steps`.
+        num_inference_steps: instead of `args.num_inference_steps` (DiNof's share of them in `--compare_baseline`).
     """
     prior = args.prior if prior is None else prior
-    steps = args.num_inference_steps if num_inference_steps == "args" else num_inference_steps
+    steps = args.num_inference_steps if num_inference_steps is None else num_inference_steps
     keywords: Dict[str, Any] = {"use_flow_prior": prior == "flow"}
     if steps is not None:
         keywords["num_inference_steps"] = steps
