@@ -781,5 +781,6 @@ def test_two_processes_finish_a_killed_dump_identically_each_doing_its_share_sco
         for field in ("bits_per_dim", "bits_per_dim_se", "nats", "nats_se"):
             assert shared[name][field] == pytest.approx(estimate[field], rel=1e-6), (name, field)
     assert two["likelihood"]["num_images"] == 6 and two["likelihood"]["nfe"] == one["likelihood"]["nfe"]
+    assert (one["likelihood"]["num_processes"], two["likelihood"]["num_processes"]) == (1, 2)
     assert sorted(json.loads((tmp_path / "two" / "likelihood.json").read_text())["batches"]) == ["0", "1", "2"]
     assert result.stderr.count("bits/dim:   0%") == 1

@@ -430,6 +430,7 @@ def evaluate(args: argparse.Namespace, pipeline, state=None) -> Optional[Dict[st
         report["likelihood"] = {
             "data": args.likelihood_data,
             "records": os.path.join(args.output_dir, LIKELIHOOD_RECORDS_NAME),
+            "num_processes": state.num_processes,
             **likelihood.to_dict(),
         }
     write_json_atomically(report, os.path.join(args.output_dir, "metrics.json"))
