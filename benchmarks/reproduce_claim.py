@@ -32,7 +32,8 @@ named as everywhere in this package: the *prior* that starts the reverse process
    score with the digit classifier; 1 to 10). The "data" rows score as many real "train" digits the same way (the
    floor of each metric at this sample count), for several random draws: their spread, and that of the rows repeated
    with other sampling seeds (`--repeat_seeds`: the PC rows at the smallest N), is the noise of every number.
-4. Bits per dimension of the 297 test digits (8-bit, dequantized, Hutchinson traces, rk45 at 1e-5) under each model
+4. Bits per dimension of the first 100 of the 297 test digits (8-bit, dequantized, Hutchinson traces, rk45 at 1e-5;
+   `--likelihood_images 297` for all of them, ~3x the time) under each model
    with the flow prior at t* (DiNof) and with the SDE prior at T (baseline): means, standard errors over images and
    the paired difference (`dinof_diffusers.evaluation.evaluate_likelihood`).
 5. Write `results.md` (the quality table: model, prior, sampler, N, steps, NFE, FID, KID, confidence, s/img; the
@@ -49,8 +50,9 @@ Budget of the full run on 2 CPU cores (a quiet machine): the tiny UNet costs ~0.
 evaluation inside the pipeline at 16x16 in a batch of 200 (0.75 ms with one thread). One sample of every row of one
 model takes ~8,700 evaluations (PC: baseline 3,700, DiNof 2,220, control 1,200; heun 2 x 176; rk45 ~1,100 from T and
 ~150 from t*; the repeated seeds 320): ~30 min for both models at the default 200 samples a row. A joint training
-step at batch 64 takes ~0.15 s: ~8 min for 2 x 1500 steps. The likelihoods cost ~400 evaluations with a backward pass
-per test digit and model (~4 min), the metrics ~3 min: ~45 min in all. The script measures a forward first and prints
+step at batch 64 takes ~0.15 s: ~8 min for 2 x 1500 steps. The likelihoods of one batch of 100 test digits per model cost
+~1,300 evaluations with a backward pass (rk45 from T ~1,100, from t* ~160): ~10 min; the metrics ~3 min: ~50 min in
+all. The script measures a forward first and prints
 its own estimate; an interrupted run loses at most one dump.
 
 Threads: without `--threads` the script uses one thread or torch's default, whichever runs a UNet forward faster at
@@ -79,7 +81,7 @@ for folder in (REPO_ROOT, Path(__file__).resolve().parent):  # run as a script f
 
 from reproduce_report import Row, make_row, write_report  # noqa: E402
 
-from dinof_diffusers.data import digits_images  # noqa: E402
+from dinof_diffusers.data import DIGITS_NUM_IMAGES, DIGITS_NUM_TRAIN, digits_images  # noqa: E402
 from dinof_diffusers.evaluation import compute_metrics, evaluate_likelihood, generate_samples  # noqa: E402
 from dinof_diffusers.file_utils import write_json_atomically  # noqa: E402
 from dinof_diffusers.image_utils import image_grid, save_image_atomically  # noqa: E402
@@ -99,6 +101,7 @@ RESOLUTION = 16
 CHANNELS = 1
 METRICS = ("fid", "kid", "isc")
 REFERENCE = "digits:test"  # the 297 held-out digits; the models learn the 1,500 "train" digits
+DIGITS_NUM_TEST = DIGITS_NUM_IMAGES - DIGITS_NUM_TRAIN
 TRAIN_SPLIT = "train"
 
 FULL = {
@@ -111,7 +114,8 @@ FULL = {
     "rk45_tolerance": 1e-5,
     "repeat_seeds": [1],
     "floor_draws": 10,
-    "likelihood_images": 297,
+    # one batch per model: the SDE prior's ODE from T takes ~1,100 evaluations with a backward pass (~8 min at 100)
+    "likelihood_images": 100,
     "likelihood_tolerance": 1e-5,
 }
 # VP's discrete betas need beta_max / N < 1, so the quick grid stays above N = 20.
@@ -565,8 +569,8 @@ def parse_args(argv=None):
         check_number(args.likelihood_tolerance, "--likelihood_tolerance", minimum=0.0, exclusive_minimum=True)
     except ValueError as error:
         parser.error(str(error))
-    if args.likelihood_images > FULL["likelihood_images"]:
-        parser.error(f"--likelihood_images must be at most {FULL['likelihood_images']} (the test digits).")
+    if args.likelihood_images > DIGITS_NUM_TEST:
+        parser.error(f"--likelihood_images must be at most {DIGITS_NUM_TEST} (the test digits).")
     if args.num_samples < 2:
         parser.error("--num_samples must be >= 2 (FID and KID need two samples).")
     if any(n < 2 for n in args.steps):
