@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a DiNof pipeline: generate samples (resumably, on one process or many) and compute FID / IS / KID /
+r"""Evaluate a DiNof pipeline: generate samples (resumably, on one process or many) and compute FID / IS / KID /
 precision-recall with one or several feature extractors; with --likelihood, the bits/dim of held-out images under
 the flow prior and the SDE prior.
 

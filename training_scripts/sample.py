@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sample a trained DiNof pipeline and save the grid; optionally the baseline beside it, same seed.
+r"""Sample a trained DiNof pipeline and save the grid; optionally the baseline beside it, same seed.
 
 python training_scripts/sample.py --pipeline outputs/demo/pipeline --output_dir outputs/demo --compare_baseline
 python training_scripts/sample.py --pipeline outputs/demo/pipeline --output_dir outputs/demo/heun --compare_baseline \
