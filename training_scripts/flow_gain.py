@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # Copyright 2024 The dinof-diffusers authors. Licensed under the Apache License, Version 2.0.
-r"""Where does the flow prior pay? The headroom of x(t*) over its best Gaussian, and how much of it a prior captures.
+"""Where does the flow prior pay? The headroom of x(t*) over its best Gaussian, and how much of it a prior captures.
 
 No prior of x(t*) can gain more over the moment-matched Gaussian than the KL divergence of x(t*) from it, the
 *headroom* (and the reverse SDE cannot amplify a prior's error). For a saved pipeline and a data set with its

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # Copyright 2024 The dinof-diffusers authors. Licensed under the Apache License, Version 2.0.
-r"""Train a DiNof model: a score network and a normalizing flow prior of x(t*) (Zand et al., TMLR 2024).
+"""Train a DiNof model: a score network and a normalizing flow prior of x(t*) (Zand et al., TMLR 2024).
 
 Structured like diffusers' examples/unconditional_image_generation/train_unconditional.py. Three modes:
 
