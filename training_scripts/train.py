@@ -351,12 +351,7 @@ def main(run: RunConfig):
                 f"steps, seed {run.sample_seed}, {nfe} score-network evaluations per image."
             ),
         )
-        extra_files = {"README.md": card.save, "samples.png": lambda path: grid.save(path)}
-        checkpoints.save_pipeline_atomically(pipeline, run.output_dir, extra_files=extra_files)
-        logger.info("Saved the pipeline to %s", run.output_dir)
-
-        if run.push_to_hub:
-            checkpoints.push_to_hub(run, pipeline, commit_message=f"DiNof, {state.global_step} steps")
+        checkpoints.save_final_pipeline(run, pipeline, card, grid, f"DiNof, {state.global_step} steps")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

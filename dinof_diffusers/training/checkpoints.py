@@ -10,6 +10,7 @@ its model_index.json; a kill midway is completed by the next train.py run or `Di
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ from ..file_utils import (
 )
 from .run_config import RunConfig, TrainingError
 
+logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 RUN_CONFIG_NAME = "run_config.json"
@@ -455,6 +457,16 @@ def _pipeline_components(folder: Union[str, os.PathLike]) -> List[str]:
     except (OSError, ValueError):
         return []
     return [name for name in index if not name.startswith("_") and os.path.basename(name) == name]
+
+
+def save_final_pipeline(run, pipeline, card, grid, commit_message: str) -> None:
+    """The end of a run: `pipeline` with its model card (README.md) and sample grid (samples.png) saved atomically to
+    `run.output_dir` (`save_pipeline_atomically`), then uploaded with `push_to_hub` when `run.push_to_hub`."""
+    extra_files = {"README.md": card.save, "samples.png": lambda path: grid.save(path)}
+    save_pipeline_atomically(pipeline, run.output_dir, extra_files=extra_files)
+    logger.info("Saved the pipeline to %s", run.output_dir)
+    if run.push_to_hub:
+        push_to_hub(run, pipeline, commit_message=commit_message)
 
 
 def push_to_hub(run, pipeline, commit_message: str) -> str:

@@ -110,10 +110,6 @@ def fit_gaussian_prior(run: RunConfig) -> Optional[DiNofPipeline]:
                 f"the prior was fitted to {prior.config.num_images} images in {fit_seconds:.1f} s."
             ),
         )
-        extra_files = {"README.md": card.save, "samples.png": lambda path: grid.save(path)}
-        checkpoints.save_pipeline_atomically(pipeline, run.output_dir, extra_files=extra_files)
-        logger.info("Saved the pipeline with its Gaussian prior to %s", run.output_dir)
-        if run.push_to_hub:
-            checkpoints.push_to_hub(run, pipeline, commit_message=f"DiNof, Gaussian prior at t* = {scheduler.t_star}")
+        checkpoints.save_final_pipeline(run, pipeline, card, grid, f"DiNof, Gaussian prior at t* = {scheduler.t_star}")
     state.wait_for_everyone()
     return pipeline
