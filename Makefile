@@ -54,7 +54,7 @@ test-browser: $(VENV)/.installed
 
 # DiNof's claim on the digits: trains VE and VP models on the train digits, then FID / KID / confidence against NFE
 # for the SDE prior, the flow and a Gaussian control with the PC sampler and the probability-flow ODE (heun, rk45),
-# and bits/dim of 100 test digits (~50 min on 2 quiet CPU cores); writes outputs/reproduce/results.md and
+# and bits/dim of 100 test digits (54 min on 2 quiet CPU cores, measured); writes outputs/reproduce/results.md and
 # quality_vs_nfe.png. Resumable: run it again after an interruption.
 reproduce: $(VENV)/.installed
 	$(OFFLINE) $(PY) benchmarks/reproduce_claim.py --output_dir outputs/reproduce
