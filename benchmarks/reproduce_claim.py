@@ -42,18 +42,18 @@ named as everywhere in this package: the *prior* that starts the reverse process
    `grids/`, under `--output_dir`; every file is written atomically. Sample dumps and likelihoods are resumable: an
    interrupted run continues where it stopped.
 
-    python benchmarks/reproduce_claim.py                      # the full run (make reproduce), ~45 min on 2 cores
+    python benchmarks/reproduce_claim.py                      # the full run (make reproduce), ~55 min on 2 cores
     python benchmarks/reproduce_claim.py --reuse_dir outputs/reproduce/models
     python benchmarks/reproduce_claim.py --quick --output_dir /tmp/reproduce   # a minute; what the tests run
 
-Budget of the full run on 2 CPU cores (a quiet machine): the tiny UNet costs ~0.5 ms per image per network
-evaluation inside the pipeline at 16x16 in a batch of 200 (0.75 ms with one thread). One sample of every row of one
-model takes ~8,700 evaluations (PC: baseline 3,700, DiNof 2,220, control 1,200; heun 2 x 176; rk45 ~1,100 from T and
-~150 from t*; the repeated seeds 320): ~30 min for both models at the default 200 samples a row. A joint training
-step at batch 64 takes ~0.15 s: ~8 min for 2 x 1500 steps. The likelihoods of one batch of 100 test digits per model cost
-~1,300 evaluations with a backward pass (rk45 from T ~1,100, from t* ~160): ~10 min; the metrics ~3 min: ~50 min in
-all. The script measures a forward first and prints
-its own estimate; an interrupted run loses at most one dump.
+Budget of the full run on 2 CPU cores, measured on a quiet machine (29 November 2026): 54.3 min in all. The tiny
+UNet costs ~0.71 ms per image per network evaluation inside the pipeline at 16x16 in a batch of 200 (2 threads). One
+sample of every row of one model takes ~8,800 evaluations (PC: baseline 3,700, DiNof 2,220, control 1,200; heun
+2 x 176; rk45 ~1,170 from T and ~160 from t* for VE, ~360 and ~290 for VP; the repeated seeds 320): 39.7 min for
+both models at the default 200 samples a row. A joint training step at batch 64 takes ~0.25 s: 12.2 min for
+2 x 1500 steps. The likelihoods of one batch of 100 test digits per model (rk45 with a backward pass per evaluation,
+~150 to ~360 evaluations) took 2.1 min; the metrics and the plot the rest. The script measures a forward first and
+prints its own estimate; an interrupted run loses at most one dump.
 
 Threads: without `--threads` the script uses one thread or torch's default, whichever runs a UNet forward faster at
 that moment (checked at the start and before every dump). On a 2-core machine that other processes also use, torch's
@@ -81,7 +81,7 @@ for folder in (REPO_ROOT, Path(__file__).resolve().parent):  # run as a script f
 
 from reproduce_report import Row, make_row, write_report  # noqa: E402
 
-from dinof_diffusers.data import DIGITS_NUM_IMAGES, DIGITS_NUM_TRAIN, digits_images  # noqa: E402
+from dinof_diffusers.data import DIGITS_NUM_TEST, digits_images  # noqa: E402
 from dinof_diffusers.evaluation import compute_metrics, evaluate_likelihood, generate_samples  # noqa: E402
 from dinof_diffusers.file_utils import write_json_atomically  # noqa: E402
 from dinof_diffusers.image_utils import image_grid, save_image_atomically  # noqa: E402
@@ -101,7 +101,6 @@ RESOLUTION = 16
 CHANNELS = 1
 METRICS = ("fid", "kid", "isc")
 REFERENCE = "digits:test"  # the 297 held-out digits; the models learn the 1,500 "train" digits
-DIGITS_NUM_TEST = DIGITS_NUM_IMAGES - DIGITS_NUM_TRAIN
 TRAIN_SPLIT = "train"
 
 FULL = {
@@ -114,7 +113,7 @@ FULL = {
     "rk45_tolerance": 1e-5,
     "repeat_seeds": [1],
     "floor_draws": 10,
-    # one batch per model: the SDE prior's ODE from T takes ~1,100 evaluations with a backward pass (~8 min at 100)
+    # one batch per model: each evaluation of the likelihood's ODE carries a backward pass (all 297: ~3x the time)
     "likelihood_images": 100,
     "likelihood_tolerance": 1e-5,
 }

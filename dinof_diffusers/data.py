@@ -19,6 +19,7 @@ from .validation import check_choice, check_positive_int
 
 DIGITS_NUM_IMAGES = 1797
 DIGITS_NUM_TRAIN = 1500
+DIGITS_NUM_TEST = DIGITS_NUM_IMAGES - DIGITS_NUM_TRAIN
 DIGITS_SPLIT_SEED = 0
 DIGITS_SPLITS = ("all", "train", "test")
 
